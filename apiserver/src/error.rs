@@ -1,0 +1,206 @@
+//! Kubernetes `Status` errors: every failure the server returns is one of these,
+//! with the HTTP code, the `reason` clients switch on, and a message that names
+//! the object and field at fault.
+
+use serde_json::{json, Value};
+
+/// One field-level cause inside an `Invalid` status (`details.causes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub field: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cause {
+    pub fn new(field: impl Into<String>, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// An API error rendered as a `metav1.Status` body.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code} {reason}: {message}")]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub kind: String,
+    pub group: String,
+    pub name: String,
+    pub causes: Vec<Cause>,
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            kind: String::new(),
+            group: String::new(),
+            name: String::new(),
+            causes: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    pub fn not_found(plural: &str, group: &str, name: &str) -> Self {
+        let what = if group.is_empty() {
+            plural.to_string()
+        } else {
+            format!("{plural}.{group}")
+        };
+        let mut e = Self::new(404, "NotFound", format!("{what} \"{name}\" not found"));
+        e.kind = plural.to_string();
+        e.group = group.to_string();
+        e.name = name.to_string();
+        e
+    }
+
+    pub fn unknown_path(path: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!(
+                "the server could not find the requested resource ({path}); \
+                 check the kind and apiVersion, and for a custom resource that its CRD is created"
+            ),
+        )
+    }
+
+    pub fn already_exists(plural: &str, group: &str, name: &str) -> Self {
+        let what = if group.is_empty() {
+            plural.to_string()
+        } else {
+            format!("{plural}.{group}")
+        };
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{what} \"{name}\" already exists"),
+        );
+        e.kind = plural.to_string();
+        e.group = group.to_string();
+        e.name = name.to_string();
+        e
+    }
+
+    pub fn conflict(plural: &str, group: &str, name: &str) -> Self {
+        let what = if group.is_empty() {
+            plural.to_string()
+        } else {
+            format!("{plural}.{group}")
+        };
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {what} \"{name}\": the object has been modified; \
+                 please apply your changes to the latest version and try again"
+            ),
+        );
+        e.kind = plural.to_string();
+        e.group = group.to_string();
+        e.name = name.to_string();
+        e
+    }
+
+    /// 422 with one cause per invalid field, as the real server words it:
+    /// `Kind "name" is invalid: field: message`.
+    pub fn invalid(kind: &str, group: &str, name: &str, causes: Vec<Cause>) -> Self {
+        let list = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{what} \"{name}\" is invalid: {list}"),
+        );
+        e.kind = kind.to_string();
+        e.group = group.to_string();
+        e.name = name.to_string();
+        e.causes = causes;
+        e
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(415, "UnsupportedMediaType", message)
+    }
+
+    pub fn too_large_rv(rv: u64) -> Self {
+        Self::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {rv}, the server has not reached it yet"),
+        )
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", message)
+    }
+
+    /// The `metav1.Status` JSON body.
+    pub fn to_status(&self) -> Value {
+        let mut details = serde_json::Map::new();
+        if !self.name.is_empty() {
+            details.insert("name".into(), json!(self.name));
+        }
+        if !self.group.is_empty() {
+            details.insert("group".into(), json!(self.group));
+        }
+        if !self.kind.is_empty() {
+            details.insert("kind".into(), json!(self.kind));
+        }
+        if !self.causes.is_empty() {
+            details.insert(
+                "causes".into(),
+                Value::Array(
+                    self.causes
+                        .iter()
+                        .map(
+                            |c| json!({"reason": c.reason, "message": c.message, "field": c.field}),
+                        )
+                        .collect(),
+                ),
+            );
+        }
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if !details.is_empty() {
+            status["details"] = Value::Object(details);
+        }
+        status
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

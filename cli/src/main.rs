@@ -1,0 +1,96 @@
+//! `fairlead`: the one command-line entry point. Today it runs the embedded API
+//! server and the sandbox; the agent, DNS and controller subcommands join it as
+//! their issues land.
+
+mod sandbox;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fairlead",
+    version,
+    about = "Fairlead: Kubernetes networking and service mesh in one Rust system"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the embedded Kubernetes API server in the foreground.
+    Apiserver {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: SocketAddr,
+        /// Write a kubeconfig for this server here.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Create the objects in these manifests (files or directories) at start.
+        #[arg(long = "manifests")]
+        manifests: Vec<PathBuf>,
+    },
+    /// The local sandbox cluster.
+    Sandbox {
+        #[command(subcommand)]
+        cmd: sandbox::SandboxCmd,
+    },
+}
+
+fn init_logging() -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("FAIRLEAD_LOG") {
+        Ok(v) => EnvFilter::try_new(&v).with_context(|| format!("FAIRLEAD_LOG={v:?} is not a valid filter (EnvFilter syntax, e.g. info,fairlead_apiserver=debug)"))?,
+        Err(_) => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("FAIRLEAD_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().init(),
+        Ok("plain") | Err(_) => builder.init(),
+        Ok(other) => anyhow::bail!("FAIRLEAD_LOG_FORMAT={other:?} is not valid: use json or plain"),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging()?;
+    match cli.cmd {
+        Cmd::Apiserver {
+            listen,
+            kubeconfig,
+            manifests,
+        } => {
+            let server = fairlead_apiserver::ApiServer::start(listen, Default::default())
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {listen}: pick a free address with --listen")
+                })?;
+            if let Some(path) = kubeconfig {
+                std::fs::write(&path, server.kubeconfig())
+                    .with_context(|| format!("cannot write kubeconfig {}", path.display()))?;
+            }
+            for m in &manifests {
+                for (obj, result) in sandbox::apply(&server, m)? {
+                    match result {
+                        Ok(()) => println!("created {obj}"),
+                        Err(e) => println!("rejected {obj}: {e}"),
+                    }
+                }
+            }
+            println!("API server at {}", server.url());
+            sandbox::wait_for_signal().await?;
+            server.shutdown().await;
+            Ok(())
+        }
+        Cmd::Sandbox { cmd } => sandbox::run(cmd).await,
+    }
+}

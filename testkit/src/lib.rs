@@ -1,0 +1,15 @@
+//! Test harness for Fairlead: throwaway network namespaces joined by veth
+//! pairs, so tests run real packets through real eBPF programs without ever
+//! touching the root network namespace.
+//!
+//! Everything made here is removed by Drop guards (also when a test panics),
+//! and [`sweep_stale`] removes what a killed test run left behind: namespaces
+//! named `fl-t-<pid>-<n>` and pin directories `/sys/fs/bpf/fairlead-t-<pid>-<n>`
+//! whose pid is gone. Later: the embedded API server and a test CA.
+
+mod netns;
+
+pub use netns::{
+    require_root, sweep_stale, unique_instance, Netns, SweepReport, TestkitError, Veth,
+    NETNS_PREFIX, PIN_INSTANCE_PREFIX,
+};
