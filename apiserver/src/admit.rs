@@ -130,7 +130,7 @@ pub fn check_metadata(rt: &ResourceType, obj: &Value, causes: &mut Vec<Cause>) {
                 || !is_label_value(key)
                 || (!prefix.is_empty() && !is_dns_subdomain(prefix))
             {
-                causes.push(Cause::new(format!("metadata.labels"), "FieldValueInvalid", format!("Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character")));
+                causes.push(Cause::new("metadata.labels", "FieldValueInvalid", format!("Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character")));
             }
             if !v.is_string() || !is_label_value(val) {
                 causes.push(Cause::new(format!("metadata.labels.{k}"), "FieldValueInvalid", format!("Invalid value: {v}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', at most 63 characters")));
@@ -672,18 +672,19 @@ pub fn admit_service(
         }
         let mut ips = Vec::new();
         for (i, fam) in families.iter().enumerate() {
-            let v6 =
-                match fam.as_str() {
-                    "IPv4" => false,
-                    "IPv6" => true,
-                    other => return Err(vec![Cause::new(
+            let v6 = match fam.as_str() {
+                "IPv4" => false,
+                "IPv6" => true,
+                other => {
+                    return Err(vec![Cause::new(
                         format!("spec.ipFamilies[{i}]"),
                         "FieldValueNotSupported",
                         format!(
                             "Unsupported value: {other:?}: supported values: \"IPv4\", \"IPv6\""
                         ),
-                    )]),
-                };
+                    )])
+                }
+            };
             let ip = match requested.get(i) {
                 Some(ip) if ip.is_ipv6() != v6 => {
                     return Err(vec![Cause::new(format!("spec.clusterIPs[{i}]"), "FieldValueInvalid", format!("Invalid value: {ip}: expected an {fam} address to match ipFamilies[{i}]"))]);

@@ -29,6 +29,13 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+    /// Boxed so the error (returned everywhere) stays small.
+    pub details: Box<Details>,
+}
+
+/// `details` of a Status: which object, and per-field causes.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
     pub kind: String,
     pub group: String,
     pub name: String,
@@ -41,11 +48,14 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
-            kind: String::new(),
-            group: String::new(),
-            name: String::new(),
-            causes: Vec::new(),
+            details: Box::default(),
         }
+    }
+
+    fn set_object(&mut self, kind: &str, group: &str, name: &str) {
+        self.details.kind = kind.to_string();
+        self.details.group = group.to_string();
+        self.details.name = name.to_string();
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -59,9 +69,7 @@ impl ApiError {
             format!("{plural}.{group}")
         };
         let mut e = Self::new(404, "NotFound", format!("{what} \"{name}\" not found"));
-        e.kind = plural.to_string();
-        e.group = group.to_string();
-        e.name = name.to_string();
+        e.set_object(plural, group, name);
         e
     }
 
@@ -87,9 +95,7 @@ impl ApiError {
             "AlreadyExists",
             format!("{what} \"{name}\" already exists"),
         );
-        e.kind = plural.to_string();
-        e.group = group.to_string();
-        e.name = name.to_string();
+        e.set_object(plural, group, name);
         e
     }
 
@@ -107,9 +113,7 @@ impl ApiError {
                  please apply your changes to the latest version and try again"
             ),
         );
-        e.kind = plural.to_string();
-        e.group = group.to_string();
-        e.name = name.to_string();
+        e.set_object(plural, group, name);
         e
     }
 
@@ -131,10 +135,8 @@ impl ApiError {
             "Invalid",
             format!("{what} \"{name}\" is invalid: {list}"),
         );
-        e.kind = kind.to_string();
-        e.group = group.to_string();
-        e.name = name.to_string();
-        e.causes = causes;
+        e.set_object(kind, group, name);
+        e.details.causes = causes;
         e
     }
 
@@ -164,21 +166,22 @@ impl ApiError {
 
     /// The `metav1.Status` JSON body.
     pub fn to_status(&self) -> Value {
+        let d = &self.details;
         let mut details = serde_json::Map::new();
-        if !self.name.is_empty() {
-            details.insert("name".into(), json!(self.name));
+        if !d.name.is_empty() {
+            details.insert("name".into(), json!(d.name));
         }
-        if !self.group.is_empty() {
-            details.insert("group".into(), json!(self.group));
+        if !d.group.is_empty() {
+            details.insert("group".into(), json!(d.group));
         }
-        if !self.kind.is_empty() {
-            details.insert("kind".into(), json!(self.kind));
+        if !d.kind.is_empty() {
+            details.insert("kind".into(), json!(d.kind));
         }
-        if !self.causes.is_empty() {
+        if !d.causes.is_empty() {
             details.insert(
                 "causes".into(),
                 Value::Array(
-                    self.causes
+                    d.causes
                         .iter()
                         .map(
                             |c| json!({"reason": c.reason, "message": c.message, "field": c.field}),

@@ -20,7 +20,7 @@ use crate::admit::FieldValidation;
 use crate::error::{ApiError, ApiResult};
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{EventType, Filter, PatchKind};
+use crate::store::{EventType, Filter, PatchKind, WriteOpts};
 use crate::Inner;
 
 /// A parsed resource path.
@@ -50,7 +50,13 @@ fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json_response(code, &self.to_status(), &[])
+        let mut resp = json_response(code, &self.to_status(), &[]);
+        if code == StatusCode::GATEWAY_TIMEOUT {
+            // As the real server: clients retry after a second.
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -344,11 +350,17 @@ async fn route(
         (Method::PUT, Some(name), sub) => {
             let status = check_sub(&rt, sub, path)?;
             let obj = parse_body(body)?;
-            let (obj, w) = inner
-                .store
-                .lock()
-                .expect("store lock")
-                .update(&rt, &ns, name, obj, status, fv, true)?;
+            let (obj, w) = inner.store.lock().expect("store lock").update(
+                &rt,
+                &ns,
+                name,
+                obj,
+                WriteOpts {
+                    status,
+                    fv,
+                    require_rv: true,
+                },
+            )?;
             warnings.extend(w);
             Ok(json_response(StatusCode::OK, &out(&obj), &warnings))
         }
@@ -370,11 +382,18 @@ async fn route(
                 other => return Err(ApiError::unsupported_media_type(format!("the patch content type {other:?} is not supported: use application/merge-patch+json or application/json-patch+json"))),
             };
             let patch = parse_body(body)?;
-            let (obj, w) = inner
-                .store
-                .lock()
-                .expect("store lock")
-                .patch(&rt, &ns, name, kind, &patch, status, fv)?;
+            let (obj, w) = inner.store.lock().expect("store lock").patch(
+                &rt,
+                &ns,
+                name,
+                kind,
+                &patch,
+                WriteOpts {
+                    status,
+                    fv,
+                    require_rv: false,
+                },
+            )?;
             warnings.extend(w);
             Ok(json_response(StatusCode::OK, &out(&obj), &warnings))
         }
@@ -574,6 +593,10 @@ async fn watch(
         tick.tick().await;
         loop {
             tokio::select! {
+                // A restart (kick) wins over pending events, so a cut watch
+                // never delivers events made after the cut.
+                biased;
+                _ = kick.changed() => return,
                 ev = live.recv() => match ev {
                     Ok(e) => {
                         if e.rv <= last_rv {
@@ -604,7 +627,6 @@ async fn watch(
                     }
                     return;
                 }
-                _ = kick.changed() => return,
             }
         }
     });

@@ -140,31 +140,22 @@ impl ApiServer {
     /// Creates one object from a manifest (as `kubectl create` would), routed
     /// by its apiVersion and kind.
     pub fn create(&self, obj: Value) -> ApiResult<Value> {
-        let mut store = self.inner.store.lock().expect("store lock");
-        let av = obj.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
-        let kind = obj.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-        if av.is_empty() || kind.is_empty() {
-            return Err(ApiError::bad_request(
-                "the manifest needs apiVersion and kind",
-            ));
+        Txn {
+            store: &mut self.inner.store.lock().expect("store lock"),
         }
-        let (group, version) = av.rsplit_once('/').unwrap_or(("", av));
-        let rt = store
-            .registry
-            .iter()
-            .find(|t| t.group == group && t.version == version && t.kind == kind)
-            .cloned()
-            .ok_or_else(|| ApiError::bad_request(format!("no kind {kind:?} is registered for version {av:?}: check the apiVersion and kind, and for a custom resource create its CRD first")))?;
-        let ns = if rt.namespaced {
-            obj.pointer("/metadata/namespace")
-                .and_then(|v| v.as_str())
-                .unwrap_or("default")
-                .to_string()
-        } else {
-            String::new()
-        };
-        let (created, _) = store.create(&rt, &ns, obj, FieldValidation::Strict)?;
-        Ok((*created).clone())
+        .create(obj)
+    }
+
+    /// Simulates an API server restart with an outage: every watch is cut,
+    /// `changes` are made while no client can see them, and the history is
+    /// compacted, so clients resuming from their last version get 410 Gone
+    /// and must relist to learn what changed. All under the store lock, so no
+    /// client reconnects in between.
+    pub fn restart_with(&self, changes: impl FnOnce(&mut Txn<'_>)) {
+        let mut store = self.inner.store.lock().expect("store lock");
+        self.inner.kick.send_modify(|g| *g += 1);
+        changes(&mut Txn { store: &mut store });
+        store.compact();
     }
 
     /// Issues a ServiceAccount token, as the TokenRequest API does.
@@ -199,6 +190,57 @@ impl Drop for ApiServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Direct writes to the store, for the sandbox and tests (no HTTP).
+pub struct Txn<'a> {
+    store: &'a mut Store,
+}
+
+impl Txn<'_> {
+    fn resource(&self, api_version: &str, kind: &str) -> ApiResult<Arc<resources::ResourceType>> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        self.store
+            .registry
+            .iter()
+            .find(|t| t.group == group && t.version == version && t.kind == kind)
+            .cloned()
+            .ok_or_else(|| ApiError::bad_request(format!("no kind {kind:?} is registered for version {api_version:?}: check the apiVersion and kind, and for a custom resource create its CRD first")))
+    }
+
+    /// Creates an object routed by its apiVersion and kind; namespaced objects
+    /// without a namespace go to `default`.
+    pub fn create(&mut self, obj: Value) -> ApiResult<Value> {
+        let av = obj.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+        let kind = obj.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        if av.is_empty() || kind.is_empty() {
+            return Err(ApiError::bad_request(
+                "the manifest needs apiVersion and kind",
+            ));
+        }
+        let rt = self.resource(av, kind)?;
+        let ns = if rt.namespaced {
+            obj.pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default")
+                .to_string()
+        } else {
+            String::new()
+        };
+        let (created, _) = self.store.create(&rt, &ns, obj, FieldValidation::Strict)?;
+        Ok((*created).clone())
+    }
+
+    pub fn delete(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> ApiResult<()> {
+        let rt = self.resource(api_version, kind)?;
+        self.store.delete(&rt, namespace, name, None).map(|_| ())
     }
 }
 

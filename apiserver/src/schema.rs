@@ -134,6 +134,7 @@ impl Schema {
         causes: &mut Vec<Cause>,
         unknown: &mut Vec<String>,
     ) {
+        let shown = path.trim_start_matches('.');
         if v.is_null() {
             if !self.nullable && self.ty.is_some() {
                 causes.push(Cause::new(
@@ -172,7 +173,7 @@ impl Schema {
                     path,
                     "FieldValueTypeInvalid",
                     format!(
-                        "Invalid value: {}: {path} in body must be of type {ty}: \"{}\"",
+                        "Invalid value: {}: {shown} in body must be of type {ty}: \"{}\"",
                         short(v),
                         json_type(v)
                     ),
@@ -197,12 +198,12 @@ impl Schema {
                 let x = n.as_f64().unwrap_or(0.0);
                 if let Some(min) = self.minimum {
                     if x < min || (self.exclusive_minimum && x == min) {
-                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {path} in body should be greater than or equal to {min}")));
+                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {shown} in body should be greater than or equal to {min}")));
                     }
                 }
                 if let Some(max) = self.maximum {
                     if x > max || (self.exclusive_maximum && x == max) {
-                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {path} in body should be less than or equal to {max}")));
+                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {shown} in body should be less than or equal to {max}")));
                     }
                 }
             }
@@ -210,7 +211,7 @@ impl Schema {
                 let len = s.chars().count() as u64;
                 if let Some(min) = self.min_length {
                     if len < min {
-                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long")));
+                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {s:?}: {shown} in body should be at least {min} chars long")));
                     }
                 }
                 if let Some(max) = self.max_length {
@@ -228,7 +229,7 @@ impl Schema {
                             path,
                             "FieldValueInvalid",
                             format!(
-                                "Invalid value: {s:?}: {path} in body should match '{}'",
+                                "Invalid value: {s:?}: {shown} in body should match '{}'",
                                 re.as_str()
                             ),
                         ));
@@ -239,7 +240,7 @@ impl Schema {
                 let n = items.len() as u64;
                 if let Some(min) = self.min_items {
                     if n < min {
-                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {path} in body should have at least {min} items")));
+                        causes.push(Cause::new(path, "FieldValueInvalid", format!("Invalid value: {n}: {shown} in body should have at least {min} items")));
                     }
                 }
                 if let Some(max) = self.max_items {

@@ -529,10 +529,13 @@ impl Store {
         ns: &str,
         name: &str,
         mut obj: Value,
-        status: bool,
-        fv: FieldValidation,
-        require_rv: bool,
+        opts: WriteOpts,
     ) -> ApiResult<(Arc<Value>, Vec<String>)> {
+        let WriteOpts {
+            status,
+            fv,
+            require_rv,
+        } = opts;
         Self::check_body(rt, ns, &mut obj)?;
         let body_name = meta_str(&obj, "name");
         if !body_name.is_empty() && body_name != name {
@@ -639,8 +642,7 @@ impl Store {
         name: &str,
         kind: PatchKind,
         patch: &Value,
-        status: bool,
-        fv: FieldValidation,
+        opts: WriteOpts,
     ) -> ApiResult<(Arc<Value>, Vec<String>)> {
         let old = self.get(rt, ns, name)?;
         let mut doc = (*old).clone();
@@ -681,7 +683,16 @@ impl Store {
         if patched_rv.is_empty() {
             doc["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         }
-        self.update(rt, ns, name, doc, status, fv, false)
+        self.update(
+            rt,
+            ns,
+            name,
+            doc,
+            WriteOpts {
+                require_rv: false,
+                ..opts
+            },
+        )
     }
 
     pub fn delete(
@@ -819,11 +830,7 @@ impl Store {
     /// Events after `rv` for a watch, or 410 Gone when the history no longer
     /// reaches back that far. Subscribes while holding the store so no event
     /// falls between the replay and the live stream.
-    pub fn watch_from(
-        &mut self,
-        collection: &Collection,
-        rv: u64,
-    ) -> ApiResult<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>)> {
+    pub fn watch_from(&mut self, collection: &Collection, rv: u64) -> ApiResult<WatchStart> {
         self.stats.watches += 1;
         if rv < self.compacted {
             self.stats.gone += 1;
@@ -858,6 +865,19 @@ impl Registry {
     pub fn all(&self) -> Vec<Arc<ResourceType>> {
         self.iter().cloned().collect()
     }
+}
+
+/// Replayed events plus the live feed a watch continues with.
+pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
+/// How an update or patch is applied.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOpts {
+    /// Write the status subresource (only status changes) rather than the object.
+    pub status: bool,
+    pub fv: FieldValidation,
+    /// PUT needs metadata.resourceVersion; a patch may leave it out.
+    pub require_rv: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,11 +42,13 @@ enum Cmd {
     },
 }
 
-fn init_logging() -> anyhow::Result<()> {
+/// `default` is the level when FAIRLEAD_LOG is unset: servers log at info,
+/// one-shot commands only warn.
+fn init_logging(default: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("FAIRLEAD_LOG") {
         Ok(v) => EnvFilter::try_new(&v).with_context(|| format!("FAIRLEAD_LOG={v:?} is not a valid filter (EnvFilter syntax, e.g. info,fairlead_apiserver=debug)"))?,
-        Err(_) => EnvFilter::new("info"),
+        Err(_) => EnvFilter::new(default),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -62,7 +64,8 @@ fn init_logging() -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging()?;
+    let quiet = matches!(&cli.cmd, Cmd::Sandbox { cmd } if !matches!(cmd, sandbox::SandboxCmd::Serve { .. }));
+    init_logging(if quiet { "warn" } else { "info" })?;
     match cli.cmd {
         Cmd::Apiserver {
             listen,
