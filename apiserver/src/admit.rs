@@ -643,15 +643,8 @@ pub fn admit_service(
             }
             requested.push(parsed);
         }
-        let families: Vec<String> = spec
-            .get("ipFamilies")
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|f| f.as_str().map(String::from))
-                    .collect()
-            })
-            .filter(|v: &Vec<String>| !v.is_empty())
+        let families: Vec<String> = Some(crate::strings(spec.get("ipFamilies")))
+            .filter(|v| !v.is_empty())
             .unwrap_or_else(|| {
                 let first = if requested.first().is_some_and(|ip| ip.is_ipv6()) {
                     "IPv6"

@@ -63,14 +63,9 @@ impl ApiError {
     }
 
     pub fn not_found(plural: &str, group: &str, name: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
-        let mut e = Self::new(404, "NotFound", format!("{what} \"{name}\" not found"));
-        e.set_object(plural, group, name);
-        e
+        Self::about(404, "NotFound", plural, group, name, |what| {
+            format!("{what} \"{name}\" not found")
+        })
     }
 
     pub fn unknown_path(path: &str) -> Self {
@@ -84,37 +79,34 @@ impl ApiError {
         )
     }
 
-    pub fn already_exists(plural: &str, group: &str, name: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
-        let mut e = Self::new(
-            409,
-            "AlreadyExists",
-            format!("{what} \"{name}\" already exists"),
-        );
+    /// An error about one object; `message` gets its qualified name
+    /// (`services` or `routes.mesh.example.dev`).
+    fn about(
+        code: u16,
+        reason: &'static str,
+        plural: &str,
+        group: &str,
+        name: &str,
+        message: impl FnOnce(&str) -> String,
+    ) -> Self {
+        let mut e = Self::new(code, reason, message(&qualified(plural, group)));
         e.set_object(plural, group, name);
         e
     }
 
+    pub fn already_exists(plural: &str, group: &str, name: &str) -> Self {
+        Self::about(409, "AlreadyExists", plural, group, name, |what| {
+            format!("{what} \"{name}\" already exists")
+        })
+    }
+
     pub fn conflict(plural: &str, group: &str, name: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
-        let mut e = Self::new(
-            409,
-            "Conflict",
+        Self::about(409, "Conflict", plural, group, name, |what| {
             format!(
                 "Operation cannot be fulfilled on {what} \"{name}\": the object has been modified; \
                  please apply your changes to the latest version and try again"
-            ),
-        );
-        e.set_object(plural, group, name);
-        e
+            )
+        })
     }
 
     /// 422 with one cause per invalid field, as the real server words it:
@@ -125,17 +117,9 @@ impl ApiError {
             .map(|c| format!("{}: {}", c.field, c.message))
             .collect::<Vec<_>>()
             .join(", ");
-        let what = if group.is_empty() {
-            kind.to_string()
-        } else {
-            format!("{kind}.{group}")
-        };
-        let mut e = Self::new(
-            422,
-            "Invalid",
-            format!("{what} \"{name}\" is invalid: {list}"),
-        );
-        e.set_object(kind, group, name);
+        let mut e = Self::about(422, "Invalid", kind, group, name, |what| {
+            format!("{what} \"{name}\" is invalid: {list}")
+        });
         e.details.causes = causes;
         e
     }
@@ -207,3 +191,12 @@ impl ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// `plural` for the core group, `plural.group` otherwise, as the server words it.
+fn qualified(plural: &str, group: &str) -> String {
+    if group.is_empty() {
+        plural.to_string()
+    } else {
+        format!("{plural}.{group}")
+    }
+}

@@ -273,16 +273,7 @@ async fn route(
         target.sub.as_deref(),
     ) {
         (Method::GET, None, None) => {
-            let filter = Filter {
-                namespace: (rt.namespaced && !ns.is_empty()).then(|| ns.clone()),
-                labels: LabelSelector::parse(
-                    q.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                fields: FieldSelector::parse(
-                    q.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                    &rt.kind,
-                )?,
-            };
+            let filter = filter_from(&rt, &ns, q)?;
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
                 return watch(inner, rt, filter, q).await;
             }
@@ -415,16 +406,7 @@ async fn route(
             ok((*out(&obj)).clone())
         }
         (Method::DELETE, None, None) => {
-            let filter = Filter {
-                namespace: (rt.namespaced && !ns.is_empty()).then(|| ns.clone()),
-                labels: LabelSelector::parse(
-                    q.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                fields: FieldSelector::parse(
-                    q.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                    &rt.kind,
-                )?,
-            };
+            let filter = filter_from(&rt, &ns, q)?;
             let gone = inner
                 .store
                 .lock()
@@ -442,6 +424,16 @@ async fn route(
             )))
         }
     }
+}
+
+/// The namespace, label and field selection of a collection request.
+fn filter_from(rt: &ResourceType, ns: &str, q: &HashMap<String, String>) -> ApiResult<Filter> {
+    let param = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    Ok(Filter {
+        namespace: (rt.namespaced && !ns.is_empty()).then(|| ns.to_string()),
+        labels: LabelSelector::parse(param("labelSelector"))?,
+        fields: FieldSelector::parse(param("fieldSelector"), &rt.kind)?,
+    })
 }
 
 fn check_sub(rt: &ResourceType, sub: Option<&str>, path: &str) -> ApiResult<bool> {

@@ -193,6 +193,17 @@ impl Drop for ApiServer {
     }
 }
 
+/// The strings of a JSON array (non-strings skipped); empty when absent.
+pub(crate) fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Direct writes to the store, for the sandbox and tests (no HTTP).
 pub struct Txn<'a> {
     store: &'a mut Store,
@@ -268,15 +279,8 @@ pub(crate) fn token_request(inner: &Inner, ns: &str, name: &str, req: &Value) ->
             )],
         ));
     }
-    let audiences: Vec<String> = req
-        .pointer("/spec/audiences")
-        .and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .filter(|a: &Vec<String>| !a.is_empty())
+    let audiences: Vec<String> = Some(crate::strings(req.pointer("/spec/audiences")))
+        .filter(|a| !a.is_empty())
         .unwrap_or_else(|| vec!["https://kubernetes.default.svc".to_string()]);
     let pod = match req.pointer("/spec/boundObjectRef") {
         Some(r) if r["kind"] == "Pod" => {
@@ -326,15 +330,7 @@ pub(crate) fn token_review(inner: &Inner, req: &Value) -> Value {
         .pointer("/spec/token")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    let want_aud: Vec<String> = req
-        .pointer("/spec/audiences")
-        .and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let want_aud: Vec<String> = crate::strings(req.pointer("/spec/audiences"));
     let verdict = (|| -> Result<(TokenClaims, Vec<String>), String> {
         let claims = inner.signer.verify(token)?;
         let aud: Vec<String> = if want_aud.is_empty() {

@@ -74,16 +74,7 @@ impl Schema {
                             .insert(name.clone(), Schema::parse(sub, &format!("{p}[{name}]"))?);
                     }
                 }
-                "required" => {
-                    s.required = val
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                }
+                "required" => s.required = crate::strings(Some(val)),
                 "items" => s.items = Some(Box::new(Schema::parse(val, &p)?)),
                 "additionalProperties" => match val {
                     Value::Bool(b) => s.additional_any = *b,

@@ -1004,15 +1004,7 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
                 .and_then(|v| v.as_str())
                 .map(String::from)
                 .unwrap_or_else(|| kind.to_lowercase()),
-            short_names: crd
-                .pointer("/spec/names/shortNames")
-                .and_then(|v| v.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            short_names: crate::strings(crd.pointer("/spec/names/shortNames")),
             namespaced: scope == "Namespaced",
             status_subresource: v.pointer("/subresources/status").is_some(),
             validation: Validation::Schema(Arc::new(schema)),

@@ -106,14 +106,7 @@ impl TokenSigner {
             service_account: s("/serviceaccount/name"),
             sa_uid: s("/serviceaccount/uid"),
             pod: k.get("pod").map(|_| (s("/pod/name"), s("/pod/uid"))),
-            audiences: claims["aud"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            audiences: crate::strings(Some(&claims["aud"])),
             expires: exp,
         })
     }
