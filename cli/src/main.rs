@@ -35,6 +35,10 @@ enum Cmd {
         #[arg(long = "manifests")]
         manifests: Vec<PathBuf>,
     },
+    /// The node agent: routes to other nodes' pods, installs the CNI plugin and
+    /// its config, answers the plugin's STATUS. Configured by FAIRLEAD_AGENT_*
+    /// variables; talks to the API server of KUBECONFIG or the in-cluster one.
+    Agent,
     /// The local sandbox cluster.
     Sandbox {
         #[command(subcommand)]
@@ -62,8 +66,19 @@ fn init_logging(default: &str) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message chain only: a backtrace says nothing a user can act on.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let quiet = matches!(&cli.cmd, Cmd::Sandbox { cmd } if !matches!(cmd, sandbox::SandboxCmd::Serve { .. }));
     init_logging(if quiet { "warn" } else { "info" })?;
     match cli.cmd {
@@ -95,5 +110,20 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Sandbox { cmd } => sandbox::run(cmd).await,
+        Cmd::Agent => {
+            let config = fairlead_agent::AgentConfig::from_env()?;
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the API server: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
+            let cluster = fairlead_core::watch::spawn(client)?;
+            let rx = cluster.subscribe();
+            fairlead_agent::Agent::run(config, rx, async {
+                let _ = sandbox::wait_for_signal().await;
+            })
+            .await?;
+            // The watchers run as long as `cluster` lives, which is until here.
+            drop(cluster);
+            Ok(())
+        }
     }
 }

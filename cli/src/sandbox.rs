@@ -19,6 +19,19 @@ pub enum SandboxCmd {
         dir: Option<PathBuf>,
         #[arg(long, default_value = "default")]
         name: String,
+        #[command(flatten)]
+        shape: Shape,
+    },
+    /// Run a command inside a pod's network namespace (with its resolv.conf).
+    Exec {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The pod's namespace.
+        #[arg(short = 'n', long = "namespace", default_value = "default")]
+        namespace: String,
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Show what the running sandbox holds.
     Status {
@@ -36,7 +49,30 @@ pub enum SandboxCmd {
         dir: Option<PathBuf>,
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        shape: Shape,
     },
+}
+
+/// How many nodes, and how they route to each other.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Shape {
+    /// Number of nodes (network namespaces on the underlay).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=50))]
+    nodes: u8,
+    /// Pod routing between nodes: vxlan or native.
+    #[arg(long, default_value = "vxlan", value_parser = parse_routing)]
+    routing: fairlead_sandbox::cluster::RoutingMode,
+}
+
+fn parse_routing(s: &str) -> Result<fairlead_sandbox::cluster::RoutingMode, String> {
+    match s {
+        "vxlan" => Ok(fairlead_sandbox::cluster::RoutingMode::vxlan()),
+        "native" => Ok(fairlead_sandbox::cluster::RoutingMode::Native),
+        other => Err(format!(
+            "{other:?} is not a routing mode: use vxlan or native"
+        )),
+    }
 }
 
 fn state_dir(name: &str) -> PathBuf {
@@ -112,14 +148,20 @@ fn is_our_sandbox(pid: i32, name: &str) -> bool {
 
 pub async fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
     match cmd {
-        SandboxCmd::Up { dir, name } => up(dir, &name).await,
-        SandboxCmd::Serve { dir, name } => serve(dir, &name).await,
+        SandboxCmd::Up { dir, name, shape } => up(dir, &name, &shape).await,
+        SandboxCmd::Serve { dir, name, shape } => serve(dir, &name, shape).await,
+        SandboxCmd::Exec {
+            name,
+            namespace,
+            pod,
+            command,
+        } => exec(&name, &namespace, &pod, &command),
         SandboxCmd::Status { name } => status(&name).await,
         SandboxCmd::Down { name } => down(&name),
     }
 }
 
-async fn up(dir: Option<PathBuf>, name: &str) -> anyhow::Result<()> {
+async fn up(dir: Option<PathBuf>, name: &str, shape: &Shape) -> anyhow::Result<()> {
     let sd = state_dir(name);
     if let Ok(state) = read_state(name) {
         let pid = state["pid"].as_i64().unwrap_or(0) as i32;
@@ -132,7 +174,21 @@ async fn up(dir: Option<PathBuf>, name: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&sd).with_context(|| format!("cannot create {}", sd.display()))?;
     let log = std::fs::File::create(sd.join("sandbox.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["sandbox", "serve", "--name", name]);
+    let routing = if shape.routing == fairlead_sandbox::cluster::RoutingMode::Native {
+        "native"
+    } else {
+        "vxlan"
+    };
+    cmd.args([
+        "sandbox",
+        "serve",
+        "--name",
+        name,
+        "--nodes",
+        &shape.nodes.to_string(),
+        "--routing",
+        routing,
+    ]);
     if let Some(d) = &dir {
         cmd.arg(
             std::fs::canonicalize(d)
@@ -148,7 +204,7 @@ async fn up(dir: Option<PathBuf>, name: &str) -> anyhow::Result<()> {
         .spawn()
         .context("cannot start the sandbox process")?;
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(150);
     loop {
         if let Ok(state) = read_state(name) {
             if state["ready"] == true {
@@ -157,6 +213,12 @@ async fn up(dir: Option<PathBuf>, name: &str) -> anyhow::Result<()> {
             }
         }
         if !alive(pid as i32) || Instant::now() > deadline {
+            if alive(pid as i32) {
+                // SAFETY: kill(2) on the child this command started; SIGTERM makes it clean up.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
             let log = std::fs::read_to_string(sd.join("sandbox.log")).unwrap_or_default();
             bail!(
                 "the sandbox did not become ready; its log ({}):\n{log}",
@@ -190,50 +252,127 @@ fn print_report(state: &Value) {
             println!("    {k:<16} {v}");
         }
     }
-    println!(
-        "  not yet running here: nodes, pods, CNI, eBPF data path, DNS, proxies (later issues)"
-    );
+    for n in state["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "  node         {} ({}, netns {}), pod CIDRs {}",
+            n["name"].as_str().unwrap_or(""),
+            n["ip"].as_str().unwrap_or(""),
+            n["netns"].as_str().unwrap_or(""),
+            n["podCIDRs"]
+        );
+    }
+    println!("  routing      {}", state["routing"].as_str().unwrap_or(""));
+    if let Some(e) = state["pods"].get("error") {
+        println!("  PODS NOT READY: {}", e.as_str().unwrap_or(""));
+    }
+    let pods = state["pods"].get("pods").unwrap_or(&state["pods"]);
+    for p in pods.as_array().into_iter().flatten() {
+        println!(
+            "  pod          {}/{} on {} {} {}",
+            p["namespace"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or(""),
+            p["node"].as_str().unwrap_or("-"),
+            p["phase"].as_str().unwrap_or(""),
+            p["ips"]
+        );
+    }
+    println!("  not yet running here: Service load balancing, DNS, NetworkPolicy, proxies (later issues)");
 }
 
-async fn serve(dir: Option<PathBuf>, name: &str) -> anyhow::Result<()> {
+/// The `fairlead-cni` binary: next to this executable (cargo puts both in
+/// target/<profile>/), or FAIRLEAD_CNI_PLUGIN.
+fn cni_plugin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FAIRLEAD_CNI_PLUGIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = std::env::current_exe()?.with_file_name("fairlead-cni");
+    if !p.is_file() {
+        bail!("the CNI plugin {} is missing: build it with `cargo build -p fairlead-cni` (./dev demo does), or set FAIRLEAD_CNI_PLUGIN", p.display());
+    }
+    Ok(p)
+}
+
+async fn serve(dir: Option<PathBuf>, name: &str, shape: Shape) -> anyhow::Result<()> {
     let sd = state_dir(name);
-    let server =
-        fairlead_apiserver::ApiServer::start("127.0.0.1:0".parse()?, Default::default()).await?;
+    let config = fairlead_sandbox::cluster::SandboxConfig {
+        name: name.to_string(),
+        nodes: shape.nodes as usize,
+        routing: shape.routing,
+        state_dir: sd.clone(),
+        cni_plugin: cni_plugin()?,
+    };
+    let sandbox = fairlead_sandbox::cluster::Sandbox::up(config).await?;
+    let result = serve_until_signal(&sandbox, dir, name, &shape).await;
+    sandbox.down().await;
+    result
+}
+
+async fn serve_until_signal(
+    sandbox: &fairlead_sandbox::cluster::Sandbox,
+    dir: Option<PathBuf>,
+    name: &str,
+    shape: &Shape,
+) -> anyhow::Result<()> {
+    let sd = state_dir(name);
     let kubeconfig = sd.join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig())?;
+    std::fs::write(&kubeconfig, sandbox.api.kubeconfig())?;
     let mut applied = Vec::new();
+    let mut pods_created = 0;
     if let Some(d) = &dir {
-        for (obj, r) in apply(&server, d)? {
+        for (obj, r) in sandbox.apply(d)? {
+            if r.is_ok() && obj.starts_with("Pod/") {
+                pods_created += 1;
+            }
             applied.push(match r {
                 Ok(()) => json!({"object": obj}),
                 Err(e) => json!({"object": obj, "error": e}),
             });
         }
     }
-    // The same watcher path every component uses: kube-rs against the server.
-    let config = kube::Config::new(server.url().parse()?);
-    let client = kube::Client::try_from(config)?;
-    let mut snapshots = fairlead_core::watch::spawn(client)?;
-    let snap = tokio::time::timeout(Duration::from_secs(30), snapshots.ready())
+    let pods = match sandbox
+        .wait_for_pods(pods_created, Duration::from_secs(60))
         .await
-        .context("the snapshot watcher did not finish its first list in 30 s")??;
-    let summary = summary(&snap);
+    {
+        Ok(p) => json!(p),
+        Err(e) => {
+            json!({"error": e.to_string(), "pods": fairlead_sandbox::cluster::pod_reports(&sandbox.snapshot())})
+        }
+    };
     let state = json!({
         "name": name,
         "pid": std::process::id(),
-        "url": server.url(),
+        "url": sandbox.api.url(),
         "kubeconfig": kubeconfig.display().to_string(),
+        "nodes": sandbox.topology.nodes.iter().map(|n| json!({"name": n.name, "netns": n.netns, "ip": n.underlay_v4.to_string(), "podCIDRs": [n.pod_cidr_v4, n.pod_cidr_v6]})).collect::<Vec<_>>(),
+        "routing": if shape.routing == fairlead_sandbox::cluster::RoutingMode::Native { "native" } else { "vxlan" },
         "applied": applied,
-        "snapshot": summary,
+        "pods": pods,
+        "snapshot": summary(&sandbox.snapshot()),
         "ready": true,
     });
     let tmp = sd.join("state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
     std::fs::rename(&tmp, sd.join("state.json"))?;
-    tracing::info!(url = %server.url(), "sandbox ready");
-    wait_for_signal().await?;
-    server.shutdown().await;
-    Ok(())
+    tracing::info!(url = %sandbox.api.url(), "sandbox ready");
+    wait_for_signal().await
+}
+
+fn exec(name: &str, namespace: &str, pod: &str, command: &[String]) -> anyhow::Result<()> {
+    let ns = fairlead_sandbox::kubelet::pod_netns(
+        &fairlead_sandbox::topology::Topology::prefix(name),
+        namespace,
+        pod,
+    );
+    if !fairlead_sandbox::netns::path(&ns).exists() {
+        bail!("pod {namespace}/{pod} is not running in sandbox {name:?} (no network namespace {ns}); see `fairlead sandbox status --name {name}`");
+    }
+    // `ip netns exec` also bind-mounts /etc/netns/<ns>/resolv.conf, the pod's DNS config.
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(command)
+        .status()
+        .context("cannot run `ip netns exec`")?;
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 async fn status(name: &str) -> anyhow::Result<()> {
@@ -254,6 +393,16 @@ async fn status(name: &str) -> anyhow::Result<()> {
     );
     for (k, v) in summary(&snap).as_object().into_iter().flatten() {
         println!("  {k:<16} {v}");
+    }
+    for p in fairlead_sandbox::cluster::pod_reports(&snap) {
+        println!(
+            "  pod {}/{} on {} {} {:?}",
+            p.namespace,
+            p.name,
+            p.node.as_deref().unwrap_or("-"),
+            p.phase,
+            p.ips
+        );
     }
     Ok(())
 }
@@ -279,6 +428,8 @@ fn down(name: &str) -> anyhow::Result<()> {
             }
         }
     }
+    // Whatever a crashed sandbox left (namespaces are named by the sandbox).
+    fairlead_sandbox::cluster::sweep(name);
     if sd.exists() {
         std::fs::remove_dir_all(&sd).with_context(|| format!("cannot remove {}", sd.display()))?;
         println!("sandbox {name} is down; removed {}", sd.display());

@@ -242,6 +242,44 @@ impl Netns {
         .map_err(enter_error)
     }
 
+    /// A [`Command`] for `program` that runs inside this namespace, as a
+    /// process started on that node would (a CNI runtime exec'ing its plugin):
+    /// the child enters the namespace between fork and exec, so neither the
+    /// caller nor any other thread changes namespace, and unlike
+    /// [`Netns::exec`] no `ip` process or mount namespace is involved. Set
+    /// env, stdin and args on it as usual.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command, TestkitError> {
+        use std::os::unix::process::CommandExt;
+        let file = File::open(self.path()).map_err(|source| TestkitError::Enter {
+            netns: self.name.clone(),
+            source,
+        })?;
+        let mut command = Command::new(program);
+        // SAFETY: the hook runs in the forked child before exec and only
+        // calls setns(2), which is async-signal-safe; `file` (O_CLOEXEC) is
+        // owned by the closure, so the fd is open for as long as the Command.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
+    /// Names of the links in this namespace (`ip -o link show`, without the
+    /// `@peer` suffix).
+    pub fn links(&self) -> Result<Vec<String>, TestkitError> {
+        Ok(self
+            .ip(&["-o", "link", "show"])?
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    }
+
     /// Index of `ifname` inside this namespace.
     pub fn ifindex(&self, ifname: &str) -> Result<u32, TestkitError> {
         let c_name = CString::new(ifname).map_err(|e| TestkitError::NoInterface {

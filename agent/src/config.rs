@@ -1,0 +1,329 @@
+//! Agent configuration: defaults that work on a typical node, overridden by
+//! `FAIRLEAD_AGENT_<NAME>` environment variables. A bad value names the variable, the value
+//! and what would be accepted.
+
+use std::path::PathBuf;
+
+use crate::netns::RootNetns;
+use crate::routes::{RoutingMode, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
+
+pub const DEFAULT_UNDERLAY_IFNAME: &str = "eth0";
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const DEFAULT_IPAM_DATA_DIR: &str = "/var/lib/fairlead/ipam";
+pub const DEFAULT_SOCKET: &str = "/run/fairlead/agent.sock";
+
+/// Everything the agent needs to run on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// This node's name (the Node object the agent acts for). `FAIRLEAD_AGENT_NODE_NAME`,
+    /// required (the DaemonSet sets it from `spec.nodeName`).
+    pub node_name: String,
+    /// The network namespace to program, e.g. `/var/run/netns/NAME` or `/proc/1/ns/net`.
+    /// `FAIRLEAD_AGENT_NETNS`, required: there is no default, so an agent started by mistake
+    /// cannot change the namespace it happens to run in.
+    pub netns: PathBuf,
+    /// Whether `netns` may be the root namespace (a real node: `true`; tests, sandbox:
+    /// `false`). `FAIRLEAD_AGENT_ALLOW_ROOT_NETNS`, default `false`.
+    pub root_netns: RootNetns,
+    /// The interface carrying the node's InternalIP. `FAIRLEAD_AGENT_UNDERLAY_IFNAME`,
+    /// default `eth0`.
+    pub underlay_ifname: String,
+    /// `FAIRLEAD_AGENT_ROUTING_MODE=native|vxlan` (default `vxlan`, which works on any
+    /// underlay), with `FAIRLEAD_AGENT_VXLAN_VNI` (default 1) and `FAIRLEAD_AGENT_VXLAN_PORT`
+    /// (default 8472).
+    pub mode: RoutingMode,
+    /// The `fairlead-cni` executable to install. `FAIRLEAD_AGENT_CNI_PLUGIN`, default
+    /// `fairlead-cni` next to the agent's own executable.
+    pub cni_plugin: PathBuf,
+    /// `FAIRLEAD_AGENT_CNI_BIN_DIR`, default `/opt/cni/bin`.
+    pub cni_bin_dir: PathBuf,
+    /// `FAIRLEAD_AGENT_CNI_CONF_DIR`, default `/etc/cni/net.d`.
+    pub cni_conf_dir: PathBuf,
+    /// Where the plugin keeps IP allocations. `FAIRLEAD_AGENT_IPAM_DATA_DIR`, default
+    /// `/var/lib/fairlead/ipam`.
+    pub ipam_data_dir: PathBuf,
+    /// The status socket. `FAIRLEAD_AGENT_SOCKET`, default `/run/fairlead/agent.sock`.
+    pub socket: PathBuf,
+    /// Pod MTU. `FAIRLEAD_AGENT_MTU`; default: the underlay's MTU minus the mode's overhead.
+    pub mtu: Option<u32>,
+    /// Remove the CNI config when the agent stops. `FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN`,
+    /// default `false`: on a rolling update the node keeps its config, and pods keep starting.
+    pub uninstall_cni_on_shutdown: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is not set: {why}")]
+    Missing {
+        var: &'static str,
+        why: &'static str,
+    },
+
+    #[error("{var}={value:?} is invalid: {why}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+impl AgentConfig {
+    /// The defaults, for `node_name` working in `netns`.
+    pub fn new(node_name: impl Into<String>, netns: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            node_name: node_name.into(),
+            netns: netns.into(),
+            root_netns: RootNetns::Refuse,
+            underlay_ifname: DEFAULT_UNDERLAY_IFNAME.to_owned(),
+            mode: RoutingMode::vxlan(),
+            cni_plugin: default_plugin(),
+            cni_bin_dir: DEFAULT_CNI_BIN_DIR.into(),
+            cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            ipam_data_dir: DEFAULT_IPAM_DATA_DIR.into(),
+            socket: DEFAULT_SOCKET.into(),
+            mtu: None,
+            uninstall_cni_on_shutdown: false,
+        }
+    }
+
+    /// Reads the `FAIRLEAD_AGENT_*` environment variables.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`AgentConfig::from_env`], with variables looked up by `lookup` (for tests).
+    /// An empty value counts as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |var: &str| lookup(var).filter(|v| !v.is_empty());
+        let node_name = get(VAR_NODE_NAME).ok_or(ConfigError::Missing {
+            var: VAR_NODE_NAME,
+            why: "set it to this node's name (in a DaemonSet: valueFrom fieldRef spec.nodeName)",
+        })?;
+        let netns = get(VAR_NETNS).ok_or(ConfigError::Missing {
+            var: VAR_NETNS,
+            why: "set it to the network namespace to program: /proc/1/ns/net on a real node \
+                  (with FAIRLEAD_AGENT_ALLOW_ROOT_NETNS=true), /var/run/netns/NAME in a sandbox",
+        })?;
+        let mut config = AgentConfig::new(node_name, netns);
+
+        if let Some(v) = get(VAR_ALLOW_ROOT_NETNS) {
+            config.root_netns = if parse_bool(VAR_ALLOW_ROOT_NETNS, &v)? {
+                RootNetns::Allow
+            } else {
+                RootNetns::Refuse
+            };
+        }
+        if let Some(v) = get(VAR_UNDERLAY_IFNAME) {
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if v.len() > 15 || v.contains(['/', ' ', '\0']) {
+                return Err(invalid(
+                    VAR_UNDERLAY_IFNAME,
+                    &v,
+                    "not an interface name (at most 15 characters, no '/' or spaces)",
+                ));
+            }
+            config.underlay_ifname = v;
+        }
+        if let Some(v) = get(VAR_ROUTING_MODE) {
+            config.mode = v
+                .parse()
+                .map_err(|why: String| invalid(VAR_ROUTING_MODE, &v, why))?;
+        }
+        let vni = match get(VAR_VXLAN_VNI) {
+            Some(v) => parse_num::<u32>(VAR_VXLAN_VNI, &v, 1, (1 << 24) - 1)?,
+            None => DEFAULT_VNI,
+        };
+        let port = match get(VAR_VXLAN_PORT) {
+            Some(v) => parse_num::<u16>(VAR_VXLAN_PORT, &v, 1, u16::MAX)?,
+            None => DEFAULT_VXLAN_PORT,
+        };
+        if let RoutingMode::Vxlan { .. } = config.mode {
+            config.mode = RoutingMode::Vxlan { vni, port };
+        }
+        if let Some(v) = get(VAR_CNI_PLUGIN) {
+            config.cni_plugin = v.into();
+        }
+        if let Some(v) = get(VAR_CNI_BIN_DIR) {
+            config.cni_bin_dir = v.into();
+        }
+        if let Some(v) = get(VAR_CNI_CONF_DIR) {
+            config.cni_conf_dir = v.into();
+        }
+        if let Some(v) = get(VAR_IPAM_DATA_DIR) {
+            config.ipam_data_dir = v.into();
+        }
+        if let Some(v) = get(VAR_SOCKET) {
+            config.socket = v.into();
+        }
+        if let Some(v) = get(VAR_MTU) {
+            // 1280: the IPv6 minimum; pods are dual-stack.
+            config.mtu = Some(parse_num::<u32>(VAR_MTU, &v, 1280, 65535)?);
+        }
+        if let Some(v) = get(VAR_UNINSTALL_CNI_ON_SHUTDOWN) {
+            config.uninstall_cni_on_shutdown = parse_bool(VAR_UNINSTALL_CNI_ON_SHUTDOWN, &v)?;
+        }
+        Ok(config)
+    }
+}
+
+const VAR_NODE_NAME: &str = "FAIRLEAD_AGENT_NODE_NAME";
+const VAR_NETNS: &str = "FAIRLEAD_AGENT_NETNS";
+const VAR_ALLOW_ROOT_NETNS: &str = "FAIRLEAD_AGENT_ALLOW_ROOT_NETNS";
+const VAR_UNDERLAY_IFNAME: &str = "FAIRLEAD_AGENT_UNDERLAY_IFNAME";
+const VAR_ROUTING_MODE: &str = "FAIRLEAD_AGENT_ROUTING_MODE";
+const VAR_VXLAN_VNI: &str = "FAIRLEAD_AGENT_VXLAN_VNI";
+const VAR_VXLAN_PORT: &str = "FAIRLEAD_AGENT_VXLAN_PORT";
+const VAR_CNI_PLUGIN: &str = "FAIRLEAD_AGENT_CNI_PLUGIN";
+const VAR_CNI_BIN_DIR: &str = "FAIRLEAD_AGENT_CNI_BIN_DIR";
+const VAR_CNI_CONF_DIR: &str = "FAIRLEAD_AGENT_CNI_CONF_DIR";
+const VAR_IPAM_DATA_DIR: &str = "FAIRLEAD_AGENT_IPAM_DATA_DIR";
+const VAR_SOCKET: &str = "FAIRLEAD_AGENT_SOCKET";
+const VAR_MTU: &str = "FAIRLEAD_AGENT_MTU";
+const VAR_UNINSTALL_CNI_ON_SHUTDOWN: &str = "FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN";
+
+fn default_plugin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent()
+                .map(|dir| dir.join(crate::cni_install::PLUGIN_NAME))
+        })
+        .unwrap_or_else(|| crate::cni_install::PLUGIN_NAME.into())
+}
+
+fn invalid(var: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value: value.to_owned(),
+        why: why.into(),
+    }
+}
+
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(invalid(var, value, "expected `true` or `false`")),
+    }
+}
+
+fn parse_num<T>(var: &'static str, value: &str, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    match value.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(invalid(
+            var,
+            value,
+            format!("expected a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        AgentConfig::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    const BASE: [(&str, &str); 2] = [
+        ("FAIRLEAD_AGENT_NODE_NAME", "node-1"),
+        ("FAIRLEAD_AGENT_NETNS", "/var/run/netns/node-1"),
+    ];
+
+    #[test]
+    fn defaults_need_only_node_and_namespace() {
+        let config = from(&BASE).unwrap();
+        assert_eq!(config.node_name, "node-1");
+        assert_eq!(config.mode, RoutingMode::vxlan());
+        assert_eq!(config.root_netns, RootNetns::Refuse);
+        assert_eq!(config.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(config.mtu, None);
+
+        let err = from(&BASE[..1]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("FAIRLEAD_AGENT_NETNS is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let mut vars = BASE.to_vec();
+        vars.extend([
+            ("FAIRLEAD_AGENT_ALLOW_ROOT_NETNS", "true"),
+            ("FAIRLEAD_AGENT_UNDERLAY_IFNAME", "ens5"),
+            ("FAIRLEAD_AGENT_ROUTING_MODE", "vxlan"),
+            ("FAIRLEAD_AGENT_VXLAN_VNI", "42"),
+            ("FAIRLEAD_AGENT_VXLAN_PORT", "4789"),
+            ("FAIRLEAD_AGENT_CNI_PLUGIN", "/opt/fairlead/fairlead-cni"),
+            ("FAIRLEAD_AGENT_CNI_BIN_DIR", "/b"),
+            ("FAIRLEAD_AGENT_CNI_CONF_DIR", "/c"),
+            ("FAIRLEAD_AGENT_IPAM_DATA_DIR", "/d"),
+            ("FAIRLEAD_AGENT_SOCKET", "/s.sock"),
+            ("FAIRLEAD_AGENT_MTU", "1400"),
+            ("FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN", "1"),
+        ]);
+        let config = from(&vars).unwrap();
+        assert_eq!(config.root_netns, RootNetns::Allow);
+        assert_eq!(config.underlay_ifname, "ens5");
+        assert_eq!(
+            config.mode,
+            RoutingMode::Vxlan {
+                vni: 42,
+                port: 4789
+            }
+        );
+        assert_eq!(
+            config.cni_plugin,
+            PathBuf::from("/opt/fairlead/fairlead-cni")
+        );
+        assert_eq!(config.socket, PathBuf::from("/s.sock"));
+        assert_eq!(config.mtu, Some(1400));
+        assert!(config.uninstall_cni_on_shutdown);
+
+        let native = from(&[BASE[0], BASE[1], ("FAIRLEAD_AGENT_ROUTING_MODE", "native")]);
+        assert_eq!(native.unwrap().mode, RoutingMode::Native);
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_the_value() {
+        for (var, value, expect) in [
+            (
+                "FAIRLEAD_AGENT_ROUTING_MODE",
+                "bgp",
+                "expected `native` or `vxlan`",
+            ),
+            ("FAIRLEAD_AGENT_VXLAN_VNI", "16777216", "from 1 to 16777215"),
+            ("FAIRLEAD_AGENT_VXLAN_PORT", "0", "from 1 to 65535"),
+            ("FAIRLEAD_AGENT_MTU", "9k", "from 1280 to 65535"),
+            (
+                "FAIRLEAD_AGENT_ALLOW_ROOT_NETNS",
+                "yes",
+                "`true` or `false`",
+            ),
+            (
+                "FAIRLEAD_AGENT_UNDERLAY_IFNAME",
+                "a-very-long-interface",
+                "15 characters",
+            ),
+        ] {
+            let err = from(&[BASE[0], BASE[1], (var, value)]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("{var}={value:?} is invalid")) && text.contains(expect),
+                "{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `fairlead agent`, the per-node agent (a DaemonSet pod on a real cluster, one task per node
+//! namespace in the sandbox): it makes its node able to carry pod traffic.
+//!
+//! Data flow: API server -> `fairlead_core::watch` -> `watch<Arc<Snapshot>>` -> [`Agent::run`],
+//! which, whenever the Nodes change, finds its own Node (its podCIDRs), installs the CNI plugin
+//! and its config ([`cni_install`]), and routes to every other node's pod CIDRs
+//! ([`routes::NodeNetwork`], native or VXLAN) inside the node's network namespace. Its
+//! [`status`] socket tells the CNI plugin's STATUS verb when the node is ready for pods.
+//! Every change is made in the namespace given in [`AgentConfig::netns`], never in the one the
+//! agent happens to run in.
+
+pub mod cni_install;
+pub mod config;
+pub mod netns;
+pub mod routes;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairlead_core::{Node, Snapshot};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use cni_install::{CniInstallError, Conflist};
+pub use config::{AgentConfig, ConfigError};
+pub use netns::{NetnsError, RootNetns};
+pub use routes::{ApplyReport, NodeNetwork, NodeNetworkError, RoutingMode};
+pub use status::{Readiness, StatusError, StatusServer};
+
+/// First wait after a failed sync; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Status(#[from] StatusError),
+
+    #[error(transparent)]
+    Network(#[from] NodeNetworkError),
+
+    #[error(
+        "the cluster snapshot source closed; the watcher stopped, so the agent stops too \
+         (restart it)"
+    )]
+    SnapshotsClosed,
+}
+
+/// One failed attempt to bring the node in line with a snapshot; retried with backoff.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Network(#[from] NodeNetworkError),
+    #[error(transparent)]
+    Install(#[from] CniInstallError),
+    #[error("installing the CNI plugin stopped unexpectedly: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The node agent. See the crate docs.
+pub struct Agent {
+    config: AgentConfig,
+    network: NodeNetwork,
+    readiness: watch::Sender<Readiness>,
+    /// The config last written, so it is rewritten only when it would change.
+    installed: Option<Conflist>,
+}
+
+impl Agent {
+    /// Runs the agent until `shutdown` completes: serves the status socket, and brings the
+    /// node in line with every ready snapshot whose Nodes changed (retrying failures with
+    /// backoff). On shutdown, removes the CNI config if the config asks for that.
+    ///
+    /// Fails at once on what retrying cannot fix (the status socket cannot be bound, the
+    /// namespace cannot be opened).
+    pub async fn run(
+        config: AgentConfig,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let span = info_span!("agent", node = %config.node_name);
+        Self::run_inner(config, snapshots, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_inner(
+        config: AgentConfig,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let (readiness, readiness_rx) = watch::channel(Readiness::not_ready(
+            "waiting for the first cluster snapshot",
+        ));
+        let server = StatusServer::bind(&config.socket, readiness_rx)?;
+        let (stop_server, server_stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            server
+                .serve(async move {
+                    let _ = server_stopped.await;
+                })
+                .in_current_span(),
+        );
+
+        let result = async {
+            let network = NodeNetwork::new(
+                &config.netns,
+                &config.underlay_ifname,
+                config.mode,
+                config.root_netns,
+            )
+            .await?;
+            info!(netns = %config.netns.display(), mode = ?config.mode, "agent started");
+            let mut agent = Agent {
+                config: config.clone(),
+                network,
+                readiness,
+                installed: None,
+            };
+            agent.event_loop(&mut snapshots, shutdown).await
+        }
+        .await;
+
+        if config.uninstall_cni_on_shutdown {
+            match cni_install::uninstall(&config.cni_conf_dir) {
+                Ok(removed) => info!(removed, "CNI config uninstalled on shutdown"),
+                Err(e) => warn!(error = %e, "could not uninstall the CNI config"),
+            }
+        }
+        let _ = stop_server.send(());
+        let _ = server.await;
+        result
+    }
+
+    async fn event_loop(
+        &mut self,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        // The snapshot last brought in line; a newer one with the same Nodes needs nothing.
+        let mut applied: Option<Arc<Snapshot>> = None;
+        let mut retry: Option<(Instant, Duration)> = None;
+        loop {
+            let snapshot = Arc::clone(&snapshots.borrow_and_update());
+            let nodes_changed = match &applied {
+                Some(old) => !Snapshot::diff(old, &snapshot).nodes.is_empty(),
+                None => true,
+            };
+            let retry_due = retry.is_some_and(|(at, _)| Instant::now() >= at);
+            if snapshot.ready && (nodes_changed || retry_due) {
+                match self.sync(&snapshot).await {
+                    Ok(()) => {
+                        applied = Some(snapshot);
+                        retry = None;
+                    }
+                    Err(e) => {
+                        let wait = match retry {
+                            None => FIRST_RETRY,
+                            Some((_, last)) => (last * 2).min(MAX_RETRY),
+                        };
+                        warn!(error = %e, retry_in = ?wait, "could not bring the node in line");
+                        self.readiness
+                            .send_replace(Readiness::not_ready(e.to_string()));
+                        retry = Some((Instant::now() + wait, wait));
+                    }
+                }
+            }
+            let retry_at = retry.map(|(at, _)| at);
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Err(AgentError::SnapshotsClosed);
+                    }
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
+            }
+        }
+    }
+
+    /// Brings the node in line with one snapshot.
+    async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), SyncError> {
+        let name = &self.config.node_name;
+        let Some(local) = snapshot.node(name) else {
+            // Not an error to retry: the next snapshot with Nodes changed comes by itself.
+            self.readiness.send_replace(Readiness::not_ready(format!(
+                "node {name} is not in the cluster (yet)"
+            )));
+            return Ok(());
+        };
+        if local.pod_cidrs.is_empty() {
+            self.readiness.send_replace(Readiness::not_ready(format!(
+                "node {name} has no podCIDRs yet"
+            )));
+            return Ok(());
+        }
+
+        let mtu = match self.config.mtu {
+            Some(mtu) => mtu,
+            None => self.network.pod_mtu().await?,
+        };
+        let conflist =
+            Conflist::for_node(local, mtu, &self.config.socket, &self.config.ipam_data_dir)?;
+        if self.installed.as_ref() != Some(&conflist) {
+            let (plugin, bin, conf, list) = (
+                self.config.cni_plugin.clone(),
+                self.config.cni_bin_dir.clone(),
+                self.config.cni_conf_dir.clone(),
+                conflist.clone(),
+            );
+            // File copies and fsyncs block; keep them off the runtime's threads.
+            tokio::task::spawn_blocking(move || cni_install::install(&plugin, &bin, &conf, &list))
+                .await??;
+            info!(
+                conf_dir = %self.config.cni_conf_dir.display(),
+                mtu,
+                "CNI plugin and config installed"
+            );
+            self.installed = Some(conflist);
+        }
+
+        let peers: Vec<Node> = snapshot
+            .nodes()
+            .values()
+            .filter(|n| n.name != *name && !n.pod_cidrs.is_empty() && !n.internal_ips.is_empty())
+            .map(|n| Node::clone(n))
+            .collect();
+        self.network.apply(local, &peers).await?;
+        self.readiness.send_replace(Readiness::Ready);
+        Ok(())
+    }
+}

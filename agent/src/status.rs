@@ -1,0 +1,175 @@
+//! The agent's node-local status socket.
+//!
+//! A Unix stream socket; a client sends one line, `STATUS\n`, and reads one line back:
+//! `READY\n` once the agent has installed the CNI config and applied its node routes, else
+//! `NOTREADY <reason>\n`. The CNI plugin's STATUS verb asks it, so the container runtime
+//! holds pods back until the node can route them. Anything else gets `ERROR <what>\n`.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// The request line (without its newline).
+pub const STATUS_REQUEST: &str = "STATUS";
+/// A client that has not sent its line by then is dropped, so a stuck client cannot pile up
+/// tasks.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request line read; `STATUS` is 6 bytes.
+const MAX_REQUEST: u64 = 256;
+
+/// Whether the agent is ready to have pods added on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Not ready, and why (one line; newlines are replaced when answering).
+    NotReady(String),
+}
+
+impl Readiness {
+    pub fn not_ready(reason: impl Into<String>) -> Self {
+        Readiness::NotReady(reason.into())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Readiness::Ready)
+    }
+
+    /// The answer line, with its newline.
+    pub fn answer(&self) -> String {
+        match self {
+            Readiness::Ready => "READY\n".to_owned(),
+            Readiness::NotReady(reason) => {
+                format!("NOTREADY {}\n", reason.replace(['\n', '\r'], " "))
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "another process is serving {path}; stop the other agent, or give this one its own \
+         FAIRLEAD_AGENT_SOCKET", path = .path.display()
+    )]
+    InUse { path: PathBuf },
+
+    #[error(
+        "{path} exists and is not a socket; remove it or choose another FAIRLEAD_AGENT_SOCKET",
+        path = .path.display()
+    )]
+    NotASocket { path: PathBuf },
+
+    #[error("cannot listen on {path}: {source}", path = .path.display())]
+    Bind { path: PathBuf, source: io::Error },
+}
+
+/// A bound status socket; [`StatusServer::serve`] answers on it.
+pub struct StatusServer {
+    listener: UnixListener,
+    path: PathBuf,
+    readiness: watch::Receiver<Readiness>,
+}
+
+impl StatusServer {
+    /// Binds `path` (creating its directory). A socket file left by an agent that died is
+    /// replaced; a live one is an error. Must run inside a Tokio runtime.
+    pub fn bind(path: &Path, readiness: watch::Receiver<Readiness>) -> Result<Self, StatusError> {
+        let bind_error = |source| StatusError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_error)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(StatusError::InUse {
+                            path: path.to_owned(),
+                        })
+                    }
+                    // Nobody listens: a leftover of an agent that did not shut down cleanly.
+                    Err(_) => std::fs::remove_file(path).map_err(bind_error)?,
+                }
+            }
+            Ok(_) => {
+                return Err(StatusError::NotASocket {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(bind_error(source)),
+        }
+        let listener = UnixListener::bind(path).map_err(bind_error)?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            readiness,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers until `shutdown` completes, then removes the socket file.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let readiness = self.readiness.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(stream, readiness).await {
+                                debug!(error = %e, "status client went away");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and the like: wait a little instead of spinning.
+                        warn!(error = %e, "accepting on the status socket failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, readiness: watch::Receiver<Readiness>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line"))??;
+    let reply = match line.trim_end_matches(['\n', '\r']) {
+        STATUS_REQUEST => readiness.borrow().answer(),
+        other => format!("ERROR unknown request {other:?}; send {STATUS_REQUEST}\n"),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// Asks the agent at `path` for its status and returns the answer line without its newline
+/// (the client side, for tests and the CLI; the CNI plugin has its own).
+pub async fn query(path: &Path) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path).await?;
+    stream
+        .write_all(format!("{STATUS_REQUEST}\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    stream.take(MAX_REQUEST).read_to_string(&mut answer).await?;
+    Ok(answer.trim_end_matches('\n').to_owned())
+}

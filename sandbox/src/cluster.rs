@@ -1,0 +1,302 @@
+//! `Sandbox`: the whole local cluster in one process. `up` makes the
+//! machines, starts the API server, registers the Nodes, and runs one control
+//! loop over the snapshot watch that plays scheduler, kubelets and the
+//! EndpointSlice controller; the agents run beside it, one per node.
+//! `down` undoes all of it, and `sweep` removes what a crashed run left.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairlead_apiserver::{ApiServer, ServerConfig};
+use fairlead_core::Snapshot;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::endpoints::Reconciler;
+use crate::kubelet::{CniDirs, Kubelet};
+use crate::topology::{NodeSpec, Topology};
+
+pub use fairlead_agent::RoutingMode;
+
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub name: String,
+    pub nodes: usize,
+    pub routing: RoutingMode,
+    /// Where the sandbox keeps its files (kubeconfig, per-node CNI dirs, IPAM).
+    pub state_dir: PathBuf,
+    /// The `fairlead-cni` binary the agents install onto each node.
+    pub cni_plugin: PathBuf,
+}
+
+pub struct Sandbox {
+    pub config: SandboxConfig,
+    pub api: ApiServer,
+    pub topology: Topology,
+    pub client: kube::Client,
+    cluster: fairlead_core::watch::SnapshotWatch,
+    kubelets: Arc<Mutex<Vec<Kubelet>>>,
+    agents: Vec<crate::agents::AgentHandle>,
+    control: tokio::task::JoinHandle<()>,
+}
+
+/// What `status` reports per pod.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodReport {
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub ips: Vec<String>,
+    pub phase: String,
+}
+
+impl Sandbox {
+    pub fn node_dirs(state_dir: &Path, node: &str) -> CniDirs {
+        let base = state_dir.join("nodes").join(node);
+        CniDirs {
+            bin: base.join("opt/cni/bin"),
+            conf: base.join("etc/cni/net.d"),
+        }
+    }
+
+    /// Brings the sandbox up. On failure, everything made so far is removed.
+    pub async fn up(config: SandboxConfig) -> anyhow::Result<Sandbox> {
+        sweep(&config.name);
+        let topology = Topology::plan(&config.name, config.nodes);
+        topology.create()?;
+        match Self::start(config, topology).await {
+            Ok(s) => Ok(s),
+            Err((e, topology)) => {
+                topology.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        config: SandboxConfig,
+        topology: Topology,
+    ) -> Result<Sandbox, (anyhow::Error, Topology)> {
+        macro_rules! tryf {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Err((anyhow::Error::from(e), topology)),
+                }
+            };
+        }
+        let api = tryf!(
+            ApiServer::start(
+                "127.0.0.1:0".parse().expect("literal"),
+                ServerConfig {
+                    bookmark_interval: Duration::from_secs(2),
+                    ..Default::default()
+                }
+            )
+            .await
+        );
+        for n in &topology.nodes {
+            tryf!(api.create(n.manifest()));
+        }
+        let client = tryf!(kube::Client::try_from(kube::Config::new(tryf!(api
+            .url()
+            .parse::<http::Uri>(
+        )))));
+        let mut cluster = tryf!(fairlead_core::watch::spawn(client.clone()));
+        tryf!(cluster.ready().await);
+
+        let mut agents = Vec::new();
+        for n in &topology.nodes {
+            let dirs = Self::node_dirs(&config.state_dir, &n.name);
+            agents.push(tryf!(crate::agents::start(
+                n,
+                &config,
+                &dirs,
+                cluster.subscribe()
+            )));
+        }
+        let kubelets: Vec<Kubelet> = topology
+            .nodes
+            .iter()
+            .map(|n| {
+                Kubelet::new(
+                    &n.name,
+                    &n.netns,
+                    &n.underlay_v4.to_string(),
+                    &topology.prefix,
+                    Self::node_dirs(&config.state_dir, &n.name),
+                    client.clone(),
+                )
+            })
+            .collect();
+        let kubelets = Arc::new(Mutex::new(kubelets));
+        let control = tokio::spawn(control_loop(
+            client.clone(),
+            cluster.subscribe(),
+            kubelets.clone(),
+            topology.nodes.clone(),
+        ));
+        Ok(Sandbox {
+            config,
+            api,
+            topology,
+            client,
+            cluster,
+            kubelets,
+            agents,
+            control,
+        })
+    }
+
+    /// Creates the objects of a manifest file or directory; one bad object is
+    /// reported and the others still go in.
+    pub fn apply(&self, path: &Path) -> anyhow::Result<Vec<(String, Result<(), String>)>> {
+        let docs = fairlead_apiserver::manifest::load(path)?;
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                let what = format!(
+                    "{}/{}{}",
+                    d["kind"].as_str().unwrap_or("?"),
+                    d.pointer("/metadata/namespace")
+                        .and_then(|v| v.as_str())
+                        .map(|n| format!("{n}/"))
+                        .unwrap_or_default(),
+                    d.pointer("/metadata/name")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("?")
+                );
+                (what, self.api.create(d).map(|_| ()).map_err(|e| e.message))
+            })
+            .collect())
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.cluster.current()
+    }
+
+    /// Waits (bounded) until at least `expect` pods exist and every pod is
+    /// Running and Ready with its IPs, or says which are not and why.
+    pub async fn wait_for_pods(
+        &self,
+        expect: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<PodReport>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.cluster.subscribe();
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            let pending: Vec<String> = snap
+                .pods()
+                .values()
+                .filter(|p| p.ips.is_empty() || !p.ready)
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            if pending.is_empty() && snap.pods().len() >= expect {
+                return Ok(pod_reports(&snap));
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                let mut why = Vec::new();
+                for k in self.kubelets.lock().await.iter() {
+                    why.extend(k.failures.values().cloned());
+                }
+                anyhow::bail!(
+                    "pods not running after {timeout:?} ({} of {expect} seen): {}; last errors: {}",
+                    snap.pods().len(),
+                    pending.join(", "),
+                    if why.is_empty() {
+                        "none".into()
+                    } else {
+                        why.join("; ")
+                    }
+                );
+            }
+        }
+    }
+
+    /// Stops everything and removes every namespace and file it made.
+    pub async fn down(self) {
+        self.control.abort();
+        let _ = self.control.await;
+        for k in self.kubelets.lock().await.iter_mut() {
+            k.shutdown();
+        }
+        for a in self.agents {
+            a.stop().await;
+        }
+        self.api.shutdown().await;
+        self.topology.destroy();
+        let _ = std::fs::remove_dir_all(self.config.state_dir.join("nodes"));
+    }
+}
+
+pub fn pod_reports(snap: &Snapshot) -> Vec<PodReport> {
+    snap.pods()
+        .values()
+        .map(|p| PodReport {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            node: p.node_name.clone(),
+            ips: p.ips.iter().map(|i| i.to_string()).collect(),
+            phase: format!("{:?}", p.phase),
+        })
+        .collect()
+}
+
+/// Removes what a crashed sandbox of this name left: its namespaces (the
+/// prefix names them all).
+pub fn sweep(name: &str) {
+    crate::topology::destroy_prefix(&Topology::prefix(name));
+}
+
+/// Scheduler, kubelets and EndpointSlice controller, driven by snapshots.
+/// Set-up failures (a node whose agent is not ready yet) are retried on a
+/// short timer as well as on the next change.
+async fn control_loop(
+    client: kube::Client,
+    mut rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    kubelets: Arc<Mutex<Vec<Kubelet>>>,
+    nodes: Vec<NodeSpec>,
+) {
+    let mut endpoints = Reconciler::new(client.clone());
+    let mut next_node = 0usize;
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        // Scheduler: bind pods that name no node, round-robin.
+        for p in snap.pods().values().filter(|p| p.node_name.is_none()) {
+            let node = &nodes[next_node % nodes.len()].name;
+            next_node += 1;
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(client.clone(), &p.namespace);
+            if let Err(e) = pods
+                .patch(
+                    &p.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"nodeName": node}})),
+                )
+                .await
+            {
+                tracing::warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %e, "cannot bind pod");
+            }
+        }
+        let mut retry = false;
+        for k in kubelets.lock().await.iter_mut() {
+            k.sync(&snap).await;
+            retry |= !k.failures.is_empty();
+        }
+        if let Err(e) = endpoints.reconcile(&snap).await {
+            tracing::warn!(error = %e, "EndpointSlice update failed; will retry");
+            retry = true;
+        }
+        if retry {
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        } else if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

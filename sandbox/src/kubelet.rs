@@ -1,0 +1,309 @@
+//! The kubelet's networking part, for one sandbox node: each Pod bound to the
+//! node becomes a network namespace wired by the real `fairlead-cni` binary,
+//! exec'd inside the node's namespace with the CNI environment and the network
+//! config from the node's conflist on stdin, exactly as a container runtime
+//! does it; then the built-in workload starts and the Pod's status (IPs,
+//! phase, Ready) is written back through the API. Pods that go away are torn
+//! down with CNI DEL.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use fairlead_core::Snapshot;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{json, Value};
+
+use crate::netns;
+use crate::workload::{self, Identity, Workload};
+
+pub const CONFLIST: &str = "10-fairlead.conflist";
+pub const POD_IFNAME: &str = "eth0";
+
+/// Where a node's runtime finds its CNI plugin and config.
+#[derive(Debug, Clone)]
+pub struct CniDirs {
+    pub bin: PathBuf,
+    pub conf: PathBuf,
+}
+
+struct RunningPod {
+    netns: String,
+    namespace: String,
+    name: String,
+    _workload: Workload,
+}
+
+pub struct Kubelet {
+    pub node: String,
+    pub node_netns: String,
+    pub node_ip: String,
+    pub prefix: String,
+    pub cni: CniDirs,
+    client: kube::Client,
+    running: HashMap<String, RunningPod>,
+    /// Pods whose set-up failed, with the error, retried on the next sync.
+    pub failures: HashMap<String, String>,
+}
+
+/// The namespace a sandbox pod lives in.
+pub fn pod_netns(prefix: &str, namespace: &str, pod: &str) -> String {
+    format!("{prefix}pod-{namespace}-{pod}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CniCallError {
+    #[error("the node has no CNI config yet ({0} is missing): its agent is not ready")]
+    NotReady(String),
+    #[error("cannot read the CNI config {path}: {message}")]
+    Config { path: String, message: String },
+    #[error("cannot run the CNI plugin {path}: {source}")]
+    Spawn {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("CNI {verb} failed (exit {status}): {output}")]
+    Failed {
+        verb: String,
+        status: String,
+        output: String,
+    },
+}
+
+impl Kubelet {
+    pub fn new(
+        node: &str,
+        node_netns: &str,
+        node_ip: &str,
+        prefix: &str,
+        cni: CniDirs,
+        client: kube::Client,
+    ) -> Self {
+        Self {
+            node: node.to_string(),
+            node_netns: node_netns.to_string(),
+            node_ip: node_ip.to_string(),
+            prefix: prefix.to_string(),
+            cni,
+            client,
+            running: HashMap::new(),
+            failures: HashMap::new(),
+        }
+    }
+
+    /// The network config for the first plugin of the conflist, as libcni
+    /// builds it: the plugin's object plus the list's name and cniVersion.
+    fn net_conf(&self) -> Result<(Value, String), CniCallError> {
+        let path = self.cni.conf.join(CONFLIST);
+        let shown = path.display().to_string();
+        if !path.exists() {
+            return Err(CniCallError::NotReady(shown));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| CniCallError::Config {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let list: Value = serde_json::from_str(&text).map_err(|e| CniCallError::Config {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let mut conf = list["plugins"]
+            .get(0)
+            .cloned()
+            .ok_or_else(|| CniCallError::Config {
+                path: shown.clone(),
+                message: "no plugins".into(),
+            })?;
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        let plugin = conf["type"].as_str().unwrap_or("fairlead-cni").to_string();
+        Ok((conf, plugin))
+    }
+
+    /// Runs the plugin for `verb` inside the node's namespace.
+    fn cni(
+        &self,
+        verb: &str,
+        container_id: &str,
+        pod_ns_path: &str,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<Value, CniCallError> {
+        let (conf, plugin) = self.net_conf()?;
+        let bin = self.cni.bin.join(&plugin);
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", netns::path(&self.node_netns).display()))
+            .arg("--")
+            .arg(&bin)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", pod_ns_path)
+            .env("CNI_IFNAME", POD_IFNAME)
+            .env("CNI_PATH", &self.cni.bin)
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| CniCallError::Spawn { path: bin.display().to_string(), source })?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(conf.to_string().as_bytes())
+            .map_err(|source| CniCallError::Spawn {
+                path: bin.display().to_string(),
+                source,
+            })?;
+        let out = child
+            .wait_with_output()
+            .map_err(|source| CniCallError::Spawn {
+                path: bin.display().to_string(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(CniCallError::Failed {
+                verb: verb.to_string(),
+                status: out.status.to_string(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .trim()
+                .to_string(),
+            });
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    /// Brings the node's pods in line with the snapshot.
+    pub async fn sync(&mut self, snap: &Snapshot) {
+        let wanted: HashMap<String, (String, String)> = snap
+            .pods()
+            .values()
+            .filter(|p| {
+                p.node_name.as_deref() == Some(self.node.as_str())
+                    && !p.terminating
+                    && !p.host_network
+            })
+            .map(|p| (p.uid.clone(), (p.namespace.clone(), p.name.clone())))
+            .collect();
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|uid| !wanted.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(p) = self.running.remove(&uid) {
+                self.teardown(&uid, p);
+            }
+        }
+        self.failures.retain(|uid, _| wanted.contains_key(uid));
+        for (uid, (namespace, name)) in wanted {
+            if self.running.contains_key(&uid) {
+                continue;
+            }
+            match self.setup(&uid, &namespace, &name).await {
+                Ok(p) => {
+                    self.failures.remove(&uid);
+                    self.running.insert(uid, p);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.node, pod = %format!("{namespace}/{name}"), error = %e, "pod set-up failed; will retry");
+                    self.failures.insert(uid, e.to_string());
+                }
+            }
+        }
+    }
+
+    async fn setup(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<RunningPod, crate::Error> {
+        let ns = pod_netns(&self.prefix, namespace, name);
+        netns::create(&ns)?;
+        // The pod's resolv.conf, used by `ip netns exec` (and so `sandbox exec`).
+        let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+        let _ = std::fs::create_dir_all(&etc);
+        let _ = std::fs::write(etc.join("resolv.conf"), format!("nameserver 10.96.0.10\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"));
+        let ns_path = netns::path(&ns).display().to_string();
+        let result = match self.cni("ADD", uid, &ns_path, namespace, name) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = netns::delete(&ns);
+                let _ = std::fs::remove_dir_all(&etc);
+                return Err(e.into());
+            }
+        };
+        let ips: Vec<String> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next().map(String::from))
+            .collect();
+        let workload = workload::start(
+            &ns,
+            Identity {
+                namespace: namespace.into(),
+                pod: name.into(),
+                node: self.node.clone(),
+            },
+        )?;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), namespace);
+        let now = chrono_now();
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": self.node_ip,
+            "podIP": ips.first(),
+            "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            "startTime": now,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+            ],
+        }});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        tracing::info!(node = %self.node, pod = %format!("{namespace}/{name}"), ips = ?ips, "pod running");
+        Ok(RunningPod {
+            netns: ns,
+            namespace: namespace.into(),
+            name: name.into(),
+            _workload: workload,
+        })
+    }
+
+    fn teardown(&self, uid: &str, p: RunningPod) {
+        let ns_path = netns::path(&p.netns).display().to_string();
+        drop(p._workload);
+        if let Err(e) = self.cni("DEL", uid, &ns_path, &p.namespace, &p.name) {
+            tracing::warn!(node = %self.node, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "CNI DEL failed");
+        }
+        let _ = netns::delete(&p.netns);
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", p.netns));
+    }
+
+    /// Tears down every pod (sandbox down).
+    pub fn shutdown(&mut self) {
+        for (uid, p) in std::mem::take(&mut self.running) {
+            self.teardown(&uid, p);
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+}
+
+fn chrono_now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
