@@ -251,6 +251,10 @@ async fn route(
     let ns = target.namespace.clone();
     let version = rt.version.clone();
     let mut warnings = Vec::new();
+    let as_table = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::table::wants_table);
     let out = |v: &Arc<Value>| with_version(v, &rt);
 
     if rt.kind == "TokenReview" {
@@ -299,9 +303,18 @@ async fn route(
                 min_rv,
             )?;
             let mut meta = json!({"resourceVersion": res.rv.to_string()});
-            if let Some(c) = res.continue_token {
+            if let Some(c) = res.continue_token.clone() {
                 meta["continue"] = json!(c);
                 meta["remainingItemCount"] = json!(res.remaining);
+            }
+            if as_table {
+                let refs: Vec<&Value> = res.items.iter().map(|i| &**i).collect();
+                return ok(crate::table::table(
+                    &rt.kind,
+                    &refs,
+                    Some(res.rv.to_string()),
+                    res.continue_token,
+                ));
             }
             let items: Vec<Value> = res
                 .items
@@ -321,6 +334,9 @@ async fn route(
                 .lock()
                 .expect("store lock")
                 .get(&rt, &ns, name)?;
+            if as_table {
+                return ok(crate::table::table(&rt.kind, &[&*obj], None, None));
+            }
             ok((*out(&obj)).clone())
         }
         (Method::POST, None, None) => {

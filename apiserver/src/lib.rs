@@ -15,6 +15,7 @@ pub mod resources;
 pub mod schema;
 pub mod selector;
 pub mod store;
+mod table;
 pub mod tokens;
 
 use std::net::SocketAddr;

@@ -46,7 +46,7 @@ pub fn start(
     config.cni_bin_dir = dirs.bin.clone();
     config.cni_conf_dir = dirs.conf.clone();
     config.ipam_data_dir = base.join("var/lib/fairlead/ipam");
-    config.socket = base.join("run/fairlead/agent.sock");
+    config.socket = crate::cluster::Sandbox::agent_socket(&cfg.state_dir, &node.name);
     config.uninstall_cni_on_shutdown = true;
     if let Some(parent) = config.socket.parent() {
         std::fs::create_dir_all(parent)?;

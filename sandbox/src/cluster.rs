@@ -53,6 +53,14 @@ pub struct PodReport {
 }
 
 impl Sandbox {
+    /// The agent's status socket of a node.
+    pub fn agent_socket(state_dir: &Path, node: &str) -> PathBuf {
+        state_dir
+            .join("nodes")
+            .join(node)
+            .join("run/fairlead/agent.sock")
+    }
+
     pub fn node_dirs(state_dir: &Path, node: &str) -> CniDirs {
         let base = state_dir.join("nodes").join(node);
         CniDirs {
@@ -127,6 +135,7 @@ impl Sandbox {
                     &n.underlay_v4.to_string(),
                     &topology.prefix,
                     Self::node_dirs(&config.state_dir, &n.name),
+                    Self::agent_socket(&config.state_dir, &n.name),
                     client.clone(),
                 )
             })
@@ -287,7 +296,7 @@ async fn control_loop(
         let mut retry = false;
         for k in kubelets.lock().await.iter_mut() {
             k.sync(&snap).await;
-            retry |= !k.failures.is_empty();
+            retry |= !k.failures.is_empty() || !k.node_ready();
         }
         if let Err(e) = endpoints.reconcile(&snap).await {
             tracing::warn!(error = %e, "EndpointSlice update failed; will retry");

@@ -45,6 +45,9 @@ pub struct Kubelet {
     running: HashMap<String, RunningPod>,
     /// Pods whose set-up failed, with the error, retried on the next sync.
     pub failures: HashMap<String, String>,
+    /// The agent's status socket; the Node is Ready when the agent says so.
+    agent_socket: PathBuf,
+    node_ready: Option<bool>,
 }
 
 /// The namespace a sandbox pod lives in.
@@ -78,6 +81,7 @@ impl Kubelet {
         node_ip: &str,
         prefix: &str,
         cni: CniDirs,
+        agent_socket: PathBuf,
         client: kube::Client,
     ) -> Self {
         Self {
@@ -89,6 +93,46 @@ impl Kubelet {
             client,
             running: HashMap::new(),
             failures: HashMap::new(),
+            agent_socket,
+            node_ready: None,
+        }
+    }
+
+    /// True once the Node is Ready (its agent answered READY).
+    pub fn node_ready(&self) -> bool {
+        self.node_ready == Some(true)
+    }
+
+    /// The kubelet's node heartbeat, reduced to readiness: the Node's Ready
+    /// condition follows the agent's status socket.
+    async fn sync_node(&mut self) {
+        let answer = fairlead_agent::status::query(&self.agent_socket)
+            .await
+            .unwrap_or_else(|e| format!("NOTREADY agent not answering: {e}"));
+        let ready = answer.trim() == "READY";
+        if self.node_ready == Some(ready) {
+            return;
+        }
+        let now = chrono_now();
+        let (status, reason, message) = if ready {
+            (
+                "True",
+                "FairleadAgentReady",
+                "the agent routes pods and has installed the CNI config".to_string(),
+            )
+        } else {
+            ("False", "FairleadAgentNotReady", answer.trim().to_string())
+        };
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": status, "reason": reason, "message": message, "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+        match nodes
+            .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.node_ready = Some(ready),
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %e, "cannot update the Node's Ready condition")
+            }
         }
     }
 
@@ -182,6 +226,7 @@ impl Kubelet {
 
     /// Brings the node's pods in line with the snapshot.
     pub async fn sync(&mut self, snap: &Snapshot) {
+        self.sync_node().await;
         let wanted: HashMap<String, (String, String)> = snap
             .pods()
             .values()
