@@ -18,8 +18,9 @@
 //! handful of syscalls.
 //!
 //! DEL deletes the host end (the kernel takes the pod end, the routes and
-//! the neighbours with it) and returns as soon as the interfaces are gone,
-//! leaving the kernel's slow RCU wait to a short-lived child ([`teardown`]).
+//! the neighbours with it) and returns when the kernel is done, which is
+//! mostly one RCU grace period; `"backgroundLinkDelete": true` trades that
+//! wait for a forked child the runtime must reap ([`teardown`]).
 //!
 //! Every failure is rolled back in reverse order and reported as the spec's
 //! error JSON on stdout ([`PluginError`]).

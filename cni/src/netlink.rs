@@ -308,6 +308,16 @@ impl Netlink {
         })
     }
 
+    /// Clears `IFF_UP` on the interface called `name`.
+    pub fn set_down(&mut self, name: &str) -> Result<(), NetlinkError> {
+        let mut link = LinkMessage::default();
+        link.header.change_mask = LinkFlags::Up;
+        link.attributes = vec![LinkAttribute::IfName(name.to_owned())];
+        self.ack(RouteNetlinkMessage::SetLink(link), 0, &|| {
+            format!("set {name} down")
+        })
+    }
+
     /// Deletes the interface called `name`; Ok(false) if there was none.
     /// Deleting one end of a veth pair deletes both, with their addresses,
     /// routes and neighbour entries.

@@ -374,8 +374,15 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
     let ipam_conf = conf.ipam()?;
     // Deleting the host end removes the pod end too (wherever the pod's
     // namespace is, or whether it still exists), so DEL never enters it.
+    // The addresses are released only after the interface and its routes
+    // are gone, so a concurrent ADD cannot get one while its old route lives.
     let mut host = Netlink::new()?;
-    teardown::delete_link(&mut host, &host_ifname(container_id, ifname))?;
+    let name = host_ifname(container_id, ifname);
+    if conf.background_link_delete {
+        teardown::delete_link_in_background(&mut host, &name)?;
+    } else {
+        teardown::delete_link(&mut host, &name)?;
+    }
     Ipam::new(&conf.name, ipam_conf).release(container_id, ifname)?;
     Ok(())
 }

@@ -1,18 +1,63 @@
-//! Deleting a host veth without making DEL wait for the kernel to free it.
+//! Deleting a pod's host veth in DEL, and where the kernel spends its time.
 //!
-//! Kernel behaviour this works around: unregistering a netdev has two phases,
-//! both inside the one `sendmsg(2)` of the RTM_DELLINK request. Under RTNL the
-//! device (and its veth peer) is unlisted: names freed, addresses, routes and
-//! neighbour entries gone. Then, after RTNL is released, `netdev_run_todo`
-//! waits in `rcu_barrier()` and for the last references before freeing the
-//! memory. That second phase is 15-40 ms on our VMs (RCU grace periods), even
-//! for a down veth without addresses, and would be most of DEL's time.
+//! DEL deletes the host end `fl<hex>` from the node namespace with a single
+//! RTM_DELLINK and returns when the kernel acknowledges it
+//! ([`delete_link`]). The kernel takes the pod end, its addresses, the routes
+//! and the neighbour entries of both with it. This is the default: nothing
+//! is left running when DEL returns and everything DEL undoes is undone.
 //!
-//! So a forked child sends the request and sits through the kernel's wait,
-//! while DEL returns as soon as the device is gone from the node namespace.
-//! The child holds none of the runtime's pipes (the runtime sees the plugin
-//! finish) and exits by itself when the kernel returns: reaped by us if we
-//! are still running, otherwise by init or the runtime's subreaper.
+//! Where the time goes (kernel 6.18, HZ=250, 2 vCPUs; measured with
+//! `strace -T`, `perf record -e sched:sched_switch -g` on the plugin, and
+//! `cargo bench -p fairlead-cni --bench cni_latency -- --probe-delete`,
+//! whose figures are in docs/BENCHMARKS.md):
+//!
+//! * All of it is inside the one `sendmsg(2)`; the `recvmsg` of the ACK
+//!   takes microseconds. rtnetlink handles the request synchronously in the
+//!   caller's context and sends the ACK only after `rtnl_dellink` returns,
+//!   so there is nothing "after the ACK" to skip, and no socket option makes
+//!   the request asynchronous.
+//! * Phase 1, under RTNL (`unregister_netdevice_many_notify`): both veth
+//!   ends are closed and unlisted, with two `synchronize_rcu_expedited`
+//!   calls. About 0.5-0.7 ms; after it the names, addresses, routes and
+//!   neighbours are gone, which is everything DEL promises.
+//! * Phase 2, after RTNL is released (`rtnl_dellink` -> `netdev_run_todo`):
+//!   `rcu_barrier()`, which waits until every RCU callback queued on every
+//!   CPU before it has run, including those phase 1 just queued, so at least
+//!   one full normal (not expedited) grace period. About 17 ms p50 here
+//!   in-process (a bare `synchronize_rcu()` is about 8 ms), 25-50 ms when
+//!   other namespaces are being torn down: the bulk of a DEL, and global
+//!   kernel state that nothing in the request changes. The device's refcount
+//!   is already down to one then, so `netdev_wait_allrefs_any` does not add
+//!   its own barriers and sleeps.
+//!
+//! Cheaper ways tried, none of which avoids phase 2:
+//! * deleting only one end: that is already what we do; the peer goes in
+//!   the same unregistration, so a second request would only get ENODEV;
+//! * deleting the pod end from inside the pod namespace instead of the host
+//!   end: the same unregistration of the pair and the same barrier (17 ms
+//!   p50 either way), plus a `setns` and a socket, and it needs
+//!   `CNI_NETNS`, which DEL may lack;
+//! * setting the link down first: the down costs 0.2-0.7 ms (an expedited
+//!   grace period under RTNL) and the delete after it still pays the
+//!   barrier, measured slower (20 ms p50): it hurts;
+//! * moving the host end into the pod namespace so that the runtime's
+//!   namespace teardown frees it later (asynchronously, in a kworker):
+//!   `__dev_change_net_namespace` calls `rcu_barrier()` too, and under RTNL,
+//!   so it is as slow and blocks every other netlink writer meanwhile;
+//! * looking the link up before deleting it: one round trip for nothing,
+//!   ENODEV already says "gone".
+//!
+//! Concurrent DELs share grace periods (the barrier runs outside RTNL), so
+//! 100 DELs at once take about 0.2-0.25 s in all, not 100 barriers.
+//!
+//! The opt-in alternative, `"backgroundLinkDelete": true` in the network
+//! config ([`delete_link_in_background`]): a forked child sends the request
+//! and sits through phase 2 while DEL returns as soon as phase 1 has
+//! unlisted the interface (a few ms instead of one grace period). The cost:
+//! the child outlives the plugin, so the runtime's process (or its
+//! subreaper, or init) must reap it; under a runtime that reaps late it
+//! shows up as a zombie, and the kernel is still freeing the device when
+//! the runtime hears that DEL is done.
 
 use std::{
     io,
@@ -38,9 +83,17 @@ pub enum TeardownError {
     Timeout { name: String, timeout: Duration },
 }
 
-/// Deletes `name` from this (the node's) namespace. Ok(false) if there was
-/// no such interface.
+/// Deletes `name` from this (the node's) namespace and returns when the
+/// kernel has finished (both phases). Ok(false) if there was no such
+/// interface.
 pub fn delete_link(host: &mut Netlink, name: &str) -> Result<bool, TeardownError> {
+    Ok(host.delete_link(name)?)
+}
+
+/// Deletes `name` from this (the node's) namespace, returning once it is
+/// unlisted (phase 1) and leaving phase 2 to a forked child that exits by
+/// itself. Ok(false) if there was no such interface.
+pub fn delete_link_in_background(host: &mut Netlink, name: &str) -> Result<bool, TeardownError> {
     if host.link(name)?.is_none() {
         return Ok(false);
     }

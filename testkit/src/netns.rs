@@ -61,6 +61,22 @@ pub enum TestkitError {
 
     #[error("sweeping stale test state in {path}: {source}", path = .path.display())]
     Sweep { path: PathBuf, source: io::Error },
+
+    #[error(
+        "cannot start a process holding a private mount namespace with tmpfs over {paths}: \
+         {source}"
+    )]
+    PrivateMounts { paths: String, source: io::Error },
+
+    #[error("reading {path}: {source}", path = .path.display())]
+    Read { path: PathBuf, source: io::Error },
+
+    #[error(
+        "removing cgroup {path}: {source} (processes still in it are left from a container \
+         runtime the test started; they exit on their own and a later run sweeps it)",
+        path = .path.display()
+    )]
+    Cgroup { path: PathBuf, source: io::Error },
 }
 
 /// Fails (rather than skips) when not root: a test that needs namespaces
@@ -134,13 +150,13 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, TestkitError> {
 }
 
 /// `<prefix><pid>-<n>` -> pid.
-fn owner_pid(name: &str, prefix: &str) -> Option<i32> {
+pub(crate) fn owner_pid(name: &str, prefix: &str) -> Option<i32> {
     let (pid, n) = name.strip_prefix(prefix)?.split_once('-')?;
     n.parse::<u32>().ok()?;
     pid.parse().ok()
 }
 
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 

@@ -54,6 +54,8 @@ impl Drop for TempDir {
 /// What one plugin invocation printed and how it exited.
 #[derive(Debug)]
 pub struct Reply {
+    /// The plugin's pid, which is also the id of the process group it ran in.
+    pub pid: u32,
     pub exit: Option<i32>,
     pub stdout: String,
     pub stderr: String,
@@ -186,22 +188,27 @@ impl Node {
         self.data_dir.path().join(NETWORK)
     }
 
-    /// Runs the plugin inside the node namespace.
+    /// Runs the plugin inside the node namespace, in a process group of its
+    /// own (so [`group_members`] can find anything it left running).
     pub fn invoke(&self, env: &[(&str, &str)], stdin: &[u8]) -> Result<Reply> {
+        use std::os::unix::process::CommandExt;
         let mut command = self.ns.command(BIN)?;
         command
+            .process_group(0)
             .env_clear()
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().context("spawning fairlead-cni")?;
+        let pid = child.id();
         let mut pipe = child.stdin.take().context("stdin")?;
         // VERSION does not read stdin: a closed pipe is fine.
         let _ = pipe.write_all(stdin);
         drop(pipe);
         let output = child.wait_with_output()?;
         Ok(Reply {
+            pid,
             exit: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -278,4 +285,30 @@ impl Node {
         );
         Ok(())
     }
+}
+
+/// Processes of process group `pgid` that still exist, as (pid, state
+/// letter from /proc/PID/stat; `Z` is a zombie waiting to be reaped).
+pub fn group_members(pgid: u32) -> Result<Vec<(u32, char)>> {
+    let mut members = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // Gone between readdir and read: not a member any more.
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|f| f.parse::<u32>().ok()) == Some(pgid) {
+            let state = fields[0].chars().next().unwrap_or('?');
+            members.push((pid, state));
+        }
+    }
+    Ok(members)
 }
