@@ -39,6 +39,10 @@ enum Cmd {
     /// its config, answers the plugin's STATUS. Configured by FAIRLEAD_AGENT_*
     /// variables; talks to the API server of KUBECONFIG or the in-cluster one.
     Agent,
+    /// Cluster DNS (Kubernetes DNS spec; forwarding and caching for the rest).
+    /// Configured by FAIRLEAD_DNS_* variables; talks to the API server of
+    /// KUBECONFIG or the in-cluster one.
+    Dns,
     /// The local sandbox cluster.
     Sandbox {
         #[command(subcommand)]
@@ -110,6 +114,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Sandbox { cmd } => sandbox::run(cmd).await,
+        Cmd::Dns => {
+            let config = fairlead_dns::Config::from_env()?;
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the API server: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
+            let cluster = fairlead_core::watch::spawn(client)?;
+            let server = fairlead_dns::Server::bind(config, cluster.subscribe()).await?;
+            tracing::info!(udp = %server.udp_addr(), tcp = %server.tcp_addr(), "cluster DNS serving");
+            sandbox::wait_for_signal().await?;
+            drop(server);
+            drop(cluster);
+            Ok(())
+        }
         Cmd::Agent => {
             let config = fairlead_agent::AgentConfig::from_env()?;
             let client = kube::Client::try_default()

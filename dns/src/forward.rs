@@ -1,0 +1,315 @@
+//! Forwarding with a cache: names outside the cluster zones go to the upstreams; answers are
+//! kept for their TTL (capped), negative answers for the SOA minimum (capped), and kept past
+//! expiry to be served stale when every upstream fails (RFC 8767).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, ResponseCode};
+use hickory_proto::rr::RData;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+use crate::wire::{self, Edns as ClientEdns, Rcode, CLASS_IN};
+
+/// TTL of an answer served stale (RFC 8767 §4 suggests 30 s).
+const STALE_TTL: u32 = 30;
+/// Negative-caching TTL when an upstream's negative answer carries no SOA.
+const NEGATIVE_WITHOUT_SOA: u32 = 30;
+
+/// A query the index does not answer, owned so it can wait for the upstream.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub id: u16,
+    pub flags: u16,
+    /// The question as the client sent it.
+    pub question: Vec<u8>,
+    /// Lowercased wire-form name.
+    pub name: Vec<u8>,
+    pub qtype: u16,
+    pub qclass: u16,
+    pub edns: Option<ClientEdns>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    name: Box<[u8]>,
+    qtype: u16,
+    qclass: u16,
+}
+
+struct Entry {
+    msg: Arc<Message>,
+    stored: Instant,
+    ttl: u32,
+}
+
+pub(crate) struct Forwarder {
+    upstream: Arc<dyn Upstream>,
+    cache: Mutex<HashMap<Key, Entry>>,
+    max_entries: usize,
+    positive_cap: u32,
+    negative_cap: u32,
+    stale_window: Duration,
+    udp_size: u16,
+    metrics: Arc<Metrics>,
+}
+
+pub(crate) struct ForwarderConfig {
+    pub max_entries: usize,
+    pub positive_cap: u32,
+    pub negative_cap: u32,
+    pub stale_window: Duration,
+    pub udp_size: u16,
+}
+
+impl Forwarder {
+    pub fn new(upstream: Arc<dyn Upstream>, c: ForwarderConfig, metrics: Arc<Metrics>) -> Self {
+        Forwarder {
+            upstream,
+            cache: Mutex::new(HashMap::new()),
+            max_entries: c.max_entries,
+            positive_cap: c.positive_cap,
+            negative_cap: c.negative_cap,
+            stale_window: c.stale_window,
+            udp_size: c.udp_size,
+            metrics,
+        }
+    }
+
+    /// The full answer to `p` (before any UDP truncation), and its rcode.
+    pub async fn resolve(&self, p: &Pending) -> (Vec<u8>, u16) {
+        let key = Key {
+            name: p.name.clone().into_boxed_slice(),
+            qtype: p.qtype,
+            qclass: p.qclass,
+        };
+        let now = Instant::now();
+        let mut stale = None;
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = cache.get(&key) {
+                let age = now.saturating_duration_since(e.stored).as_secs() as u32;
+                if age < e.ttl {
+                    self.metrics.cache_hits.fetch_add(1, Relaxed);
+                    return self.render(&e.msg, p, |ttl| ttl.saturating_sub(age));
+                }
+                stale = Some(Arc::clone(&e.msg));
+            }
+        }
+        self.metrics.cache_misses.fetch_add(1, Relaxed);
+
+        match self.ask_upstream(p).await {
+            Ok(msg) => {
+                let msg = Arc::new(msg);
+                if let Some(ttl) = self.cache_ttl(&msg) {
+                    self.insert(key, Arc::clone(&msg), ttl);
+                }
+                self.render(&msg, p, |ttl| ttl)
+            }
+            Err(e) => {
+                self.metrics.upstream_errors.fetch_add(1, Relaxed);
+                if let Some(msg) = stale {
+                    tracing::debug!(error = %e, "upstreams failed; serving a stale answer");
+                    self.metrics.stale_served.fetch_add(1, Relaxed);
+                    return self.render(&msg, p, |_| STALE_TTL);
+                }
+                tracing::debug!(name = %crate::name::to_text(&p.name), error = %e, "upstreams failed; answering SERVFAIL");
+                let mut out = Vec::new();
+                let q = question_only(p);
+                write_error(&mut out, &q, Rcode::ServFail, self.udp_size);
+                (out, Rcode::ServFail as u16)
+            }
+        }
+    }
+
+    async fn ask_upstream(&self, p: &Pending) -> Result<Message, String> {
+        let id: u16 = rand::random();
+        let mut q = Vec::with_capacity(12 + p.name.len() + 4 + 11);
+        // RD set, CD copied; EDNS0 so large answers come over UDP when they can.
+        wire::write_header(&mut q, id, 0x0100 | (p.flags & 0x0010), [1, 0, 0, 1]);
+        q.extend_from_slice(&p.name);
+        q.extend_from_slice(&p.qtype.to_be_bytes());
+        q.extend_from_slice(&p.qclass.to_be_bytes());
+        wire::write_opt(&mut q, self.udp_size, Rcode::NoError, false);
+        let raw = self
+            .upstream
+            .exchange(&q)
+            .await
+            .map_err(|e| e.to_string())?;
+        let msg = Message::from_vec(&raw).map_err(|e| format!("undecodable answer: {e}"))?;
+        let same_question = msg.queries.len() == 1 && {
+            let mq = &msg.queries[0];
+            u16::from(mq.query_type()) == p.qtype
+                && crate::name::encode(&mq.name().to_ascii()).as_deref() == Some(&p.name[..])
+        };
+        if msg.metadata.id != id
+            || msg.metadata.message_type != MessageType::Response
+            || !same_question
+        {
+            return Err("answer does not match the question".into());
+        }
+        match msg.metadata.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => Ok(msg),
+            other => Err(format!("upstream answered {other}")),
+        }
+    }
+
+    /// How long to keep an upstream answer, or `None` to not keep it.
+    fn cache_ttl(&self, msg: &Message) -> Option<u32> {
+        let ttl = if msg.metadata.response_code == ResponseCode::NoError && !msg.answers.is_empty()
+        {
+            msg.answers
+                .iter()
+                .map(|r| r.ttl)
+                .min()?
+                .min(self.positive_cap)
+        } else {
+            let soa = msg.authorities.iter().find_map(|r| match &r.data {
+                RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+                _ => None,
+            });
+            soa.unwrap_or(NEGATIVE_WITHOUT_SOA).min(self.negative_cap)
+        };
+        (ttl > 0).then_some(ttl)
+    }
+
+    fn insert(&self, key: Key, msg: Arc<Message>, ttl: u32) {
+        if self.max_entries == 0 {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= self.max_entries && !cache.contains_key(&key) {
+            // Drop what is past even serve-stale, then, if still full, an eighth at random:
+            // amortised O(1) per insert and a hard bound on memory.
+            let now = Instant::now();
+            let window = self.stale_window;
+            cache.retain(|_, e| {
+                now.saturating_duration_since(e.stored) < Duration::from_secs(e.ttl.into()) + window
+            });
+            if cache.len() >= self.max_entries {
+                let evict: Vec<Key> = cache
+                    .keys()
+                    .take((self.max_entries / 8).max(1))
+                    .cloned()
+                    .collect();
+                for k in evict {
+                    cache.remove(&k);
+                }
+            }
+        }
+        cache.insert(
+            key,
+            Entry {
+                msg,
+                stored: Instant::now(),
+                ttl,
+            },
+        );
+    }
+
+    /// Number of cached answers.
+    pub fn cached(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Re-encodes a cached or fresh upstream answer for this client: its id, flags and EDNS,
+    /// TTLs adjusted, and its question bytes exactly as sent.
+    fn render(&self, msg: &Message, p: &Pending, ttl: impl Fn(u32) -> u32) -> (Vec<u8>, u16) {
+        let mut m = msg.clone();
+        m.metadata.id = p.id;
+        m.metadata.authoritative = false;
+        m.metadata.truncation = false;
+        m.metadata.recursion_desired = p.flags & 0x0100 != 0;
+        m.metadata.recursion_available = true;
+        m.metadata.checking_disabled = p.flags & 0x0010 != 0;
+        for r in m
+            .answers
+            .iter_mut()
+            .chain(&mut m.authorities)
+            .chain(&mut m.additionals)
+        {
+            r.ttl = ttl(r.ttl);
+        }
+        m.edns = p.edns.map(|e| {
+            let mut ours = Edns::new();
+            ours.set_max_payload(self.udp_size);
+            ours.set_dnssec_ok(e.dnssec_ok);
+            ours
+        });
+        let rcode = u16::from(m.metadata.response_code);
+        match m.to_vec() {
+            Ok(mut out) => {
+                // Same length (only the case may differ), so compression offsets still hold.
+                if out.len() >= 12 + p.question.len() {
+                    out[12..12 + p.question.len()].copy_from_slice(&p.question);
+                }
+                (out, rcode)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-encode an upstream answer; answering SERVFAIL");
+                let mut out = Vec::new();
+                write_error(&mut out, &question_only(p), Rcode::ServFail, self.udp_size);
+                (out, Rcode::ServFail as u16)
+            }
+        }
+    }
+}
+
+/// The parts of a pending query needed to write a records-less answer.
+pub(crate) struct QuestionOnly<'a> {
+    pub id: u16,
+    pub flags: u16,
+    pub question: &'a [u8],
+    pub edns: Option<ClientEdns>,
+}
+
+fn question_only(p: &Pending) -> QuestionOnly<'_> {
+    QuestionOnly {
+        id: p.id,
+        flags: p.flags,
+        question: &p.question,
+        edns: p.edns,
+    }
+}
+
+/// An answer with the question, no records, this rcode, and OPT if the client sent one.
+pub(crate) fn write_error(out: &mut Vec<u8>, q: &QuestionOnly<'_>, rcode: Rcode, udp_size: u16) {
+    wire::write_header(
+        out,
+        q.id,
+        wire::response_flags(q.flags, false, rcode),
+        [1, 0, 0, u16::from(q.edns.is_some())],
+    );
+    out.extend_from_slice(q.question);
+    if let Some(e) = q.edns {
+        wire::write_opt(out, udp_size, rcode, e.dnssec_ok);
+    }
+}
+
+/// Cuts an over-long UDP answer down to header, question and OPT, with TC set.
+pub(crate) fn truncate(full: &[u8], q: &QuestionOnly<'_>, udp_size: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + q.question.len() + 11);
+    let flags = u16::from_be_bytes([full[2], full[3]]) | 0x0200;
+    wire::write_header(
+        &mut out,
+        q.id,
+        flags,
+        [1, 0, 0, u16::from(q.edns.is_some())],
+    );
+    out.extend_from_slice(q.question);
+    if let Some(e) = q.edns {
+        wire::write_opt(&mut out, udp_size, Rcode::NoError, e.dnssec_ok);
+    }
+    out
+}
+
+/// Whether a forwarded query's class is one we forward at all.
+pub(crate) fn forwardable_class(qclass: u16) -> bool {
+    qclass == CLASS_IN
+}

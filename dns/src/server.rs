@@ -1,0 +1,554 @@
+//! The server: UDP and TCP listeners answering from the index, forwarding the rest, following
+//! the cluster's snapshots.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use fairlead_core::Snapshot;
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError, ShedAction};
+use crate::forward::{self, Forwarder, ForwarderConfig, Pending, QuestionOnly};
+use crate::index::{Index, IndexConfig, Lookup};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::upstream::{NetworkUpstream, Upstream};
+use crate::wire::{self, Rcode, Reject, Sections, TYPE_AXFR, TYPE_IXFR};
+
+/// A TCP connection idle this long is closed (RFC 7766 suggests seconds, not minutes).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind DNS {transport} on {addr}: {source} (is another DNS server running there, or is the port privileged?)")]
+    Bind {
+        transport: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to do with one packet.
+pub(crate) enum Outcome {
+    /// The answer is in the output buffer.
+    Reply,
+    Forward(Pending),
+    /// The index answered with a CNAME out of the cluster zone (ExternalName): the answer in
+    /// the output buffer is completed with the target's records from the forwarder.
+    Chase(Pending),
+    Drop,
+}
+
+pub(crate) struct Shared {
+    index: RwLock<Index>,
+    ready: AtomicBool,
+    forwarder: Forwarder,
+    metrics: Arc<Metrics>,
+    inflight: Arc<Semaphore>,
+    udp_size: u16,
+    shed: ShedAction,
+}
+
+impl Shared {
+    pub(crate) fn new(config: &Config, upstream: Arc<dyn Upstream>) -> Result<Self, ServerError> {
+        config.validate()?;
+        let index = Index::new(&IndexConfig {
+            zone: config.zone.clone(),
+            ttl: config.ttl,
+            reverse_cidrs: config.reverse_nets()?,
+        })
+        .ok_or_else(|| ConfigError::Field {
+            field: "zone",
+            value: config.zone.clone(),
+            reason: "not a DNS name".into(),
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        Ok(Shared {
+            index: RwLock::new(index),
+            ready: AtomicBool::new(false),
+            forwarder: Forwarder::new(
+                upstream,
+                ForwarderConfig {
+                    max_entries: config.cache_entries,
+                    positive_cap: config.cache_positive_ttl,
+                    negative_cap: config.cache_negative_ttl,
+                    stale_window: Duration::from_secs(config.serve_stale.into()),
+                    udp_size: config.edns_udp_size,
+                },
+                Arc::clone(&metrics),
+            ),
+            metrics,
+            inflight: Arc::new(Semaphore::new(config.max_inflight)),
+            udp_size: config.edns_udp_size,
+            shed: config.shed,
+        })
+    }
+
+    /// Applies a snapshot to the index (ignored until the snapshot is ready).
+    pub(crate) fn apply(&self, snap: Arc<Snapshot>) {
+        if !snap.ready {
+            return;
+        }
+        let generation = snap.generation;
+        let stats = self
+            .index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(snap);
+        self.ready.store(true, Relaxed);
+        tracing::debug!(generation, ?stats, "DNS index updated");
+    }
+
+    /// Answers one packet from the index into `out`, or says it must be forwarded or dropped.
+    /// `udp` is whether the answer goes back over UDP (and so may need truncating).
+    pub(crate) fn handle(&self, packet: &[u8], out: &mut Vec<u8>, udp: bool) -> Outcome {
+        let q = match wire::parse(packet) {
+            Ok(q) => q,
+            Err(Reject::Drop) => {
+                self.metrics.dropped.fetch_add(1, Relaxed);
+                return Outcome::Drop;
+            }
+            Err(Reject::FormErr { id, flags }) => {
+                wire::write_formerr(out, id, flags);
+                self.metrics.response(Rcode::FormErr);
+                return Outcome::Reply;
+            }
+        };
+        self.metrics.query(q.qtype);
+        let limit = if udp {
+            q.udp_limit(self.udp_size)
+        } else {
+            usize::from(u16::MAX)
+        };
+        let error = |rcode: Rcode, out: &mut Vec<u8>| {
+            let s = Sections {
+                rcode,
+                authoritative: false,
+                answers: &[],
+                authority: None,
+            };
+            wire::write_response(out, &q, &s, self.udp_size, limit);
+            self.metrics.response(rcode);
+            Outcome::Reply
+        };
+        if q.opcode() != 0 {
+            return error(Rcode::NotImp, out);
+        }
+        if q.edns.is_some_and(|e| e.version > 0) {
+            return error(Rcode::BadVers, out);
+        }
+        if !forward::forwardable_class(q.qclass) || matches!(q.qtype, TYPE_AXFR | TYPE_IXFR) {
+            return error(Rcode::Refused, out);
+        }
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        match index.lookup(q.name(), q.qtype) {
+            Lookup::Answer { .. } if !self.ready.load(Relaxed) => {
+                // Not listed yet: a missing name may only be unlisted. Let the client retry.
+                error(Rcode::ServFail, out)
+            }
+            Lookup::Answer {
+                rcode,
+                answers,
+                authority,
+                chase,
+            } => {
+                let refs: Vec<&[u8]> = answers.iter().map(|a| &**a).collect();
+                let s = Sections {
+                    rcode,
+                    authoritative: true,
+                    answers: &refs,
+                    authority,
+                };
+                if wire::write_response(out, &q, &s, self.udp_size, limit) {
+                    self.metrics.truncated.fetch_add(1, Relaxed);
+                }
+                match chase {
+                    Some(target) if q.qtype != wire::TYPE_CNAME => {
+                        let mut question = target.clone();
+                        question.extend_from_slice(&q.qtype.to_be_bytes());
+                        question.extend_from_slice(&q.qclass.to_be_bytes());
+                        Outcome::Chase(Pending {
+                            id: q.id,
+                            flags: q.flags,
+                            question,
+                            name: target,
+                            qtype: q.qtype,
+                            qclass: q.qclass,
+                            edns: q.edns,
+                        })
+                    }
+                    _ => {
+                        self.metrics.response(rcode);
+                        Outcome::Reply
+                    }
+                }
+            }
+            Lookup::NotOurs => Outcome::Forward(Pending {
+                id: q.id,
+                flags: q.flags,
+                question: q.question.to_vec(),
+                name: q.name().to_vec(),
+                qtype: q.qtype,
+                qclass: q.qclass,
+                edns: q.edns,
+            }),
+        }
+    }
+
+    /// The answer to a forwarded query, truncated for UDP when it does not fit.
+    pub(crate) async fn forward(&self, p: &Pending, udp: bool) -> Vec<u8> {
+        let (full, rcode) = self.forwarder.resolve(p).await;
+        self.metrics.response_code(rcode);
+        let limit = match p.edns {
+            Some(e) if udp => usize::from(e.udp_size.clamp(512, self.udp_size.max(512))),
+            None if udp => wire::CLASSIC_UDP,
+            _ => usize::from(u16::MAX),
+        };
+        if full.len() > limit {
+            self.metrics.truncated.fetch_add(1, Relaxed);
+            return forward::truncate(&full, &question_only(p), self.udp_size);
+        }
+        full
+    }
+
+    /// Completes a CNAME answer (`partial`, written for TCP size) with what the forwarder has
+    /// for its target (`p`); the result is truncated for UDP when it does not fit.
+    pub(crate) async fn chase(&self, partial: &[u8], p: &Pending, udp: bool) -> Vec<u8> {
+        let (upstream, _) = self.forwarder.resolve(p).await;
+        let (Ok(mut m), Ok(up)) = (Message::from_vec(partial), Message::from_vec(&upstream)) else {
+            self.metrics.response(Rcode::NoError);
+            return partial.to_vec();
+        };
+        m.answers.extend(up.answers);
+        if up.metadata.response_code == ResponseCode::NXDomain {
+            m.metadata.response_code = ResponseCode::NXDomain;
+            m.authorities = up.authorities;
+        }
+        self.metrics
+            .response_code(u16::from(m.metadata.response_code));
+        let full = match m.to_vec() {
+            Ok(mut v) => {
+                // The client's question, as sent (same length, so offsets hold).
+                let qlen = partial.len().min(v.len());
+                let end = 12 + question_len(partial).min(qlen.saturating_sub(12));
+                v[12..end].copy_from_slice(&partial[12..end]);
+                v
+            }
+            Err(_) => return partial.to_vec(),
+        };
+        let limit = match p.edns {
+            Some(e) if udp => usize::from(e.udp_size.clamp(512, self.udp_size.max(512))),
+            None if udp => wire::CLASSIC_UDP,
+            _ => usize::from(u16::MAX),
+        };
+        if full.len() > limit {
+            self.metrics.truncated.fetch_add(1, Relaxed);
+            let q = QuestionOnly {
+                id: p.id,
+                flags: p.flags,
+                question: &partial[12..12 + question_len(partial)],
+                edns: p.edns,
+            };
+            return forward::truncate(&full, &q, self.udp_size);
+        }
+        full
+    }
+
+    /// What to answer when the forwarder is full: REFUSED, or nothing.
+    fn shed(&self, p: &Pending, out: &mut Vec<u8>) -> bool {
+        self.metrics.shed.fetch_add(1, Relaxed);
+        match self.shed {
+            ShedAction::Drop => false,
+            ShedAction::Refuse => {
+                forward::write_error(out, &question_only(p), Rcode::Refused, self.udp_size);
+                self.metrics.response(Rcode::Refused);
+                true
+            }
+        }
+    }
+}
+
+/// Length of the (uncompressed) question of a message we wrote.
+fn question_len(msg: &[u8]) -> usize {
+    let mut at = 12;
+    while let Some(&len) = msg.get(at) {
+        at += 1 + len as usize;
+        if len == 0 {
+            break;
+        }
+    }
+    (at + 4).min(msg.len()).saturating_sub(12)
+}
+
+fn question_only(p: &Pending) -> QuestionOnly<'_> {
+    QuestionOnly {
+        id: p.id,
+        flags: p.flags,
+        question: &p.question,
+        edns: p.edns,
+    }
+}
+
+/// A running DNS server. Dropping it stops every task it started.
+pub struct Server {
+    shared: Arc<Shared>,
+    udp_addr: SocketAddr,
+    tcp_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Server {
+    /// Binds UDP and TCP on `config.listen`, forwards to `config.upstreams`, and follows
+    /// `snapshots` (answers for the cluster zone are SERVFAIL until the first ready snapshot).
+    pub async fn bind(
+        config: Config,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Result<Server, ServerError> {
+        let upstream = Arc::new(NetworkUpstream::new(
+            config.upstreams.clone(),
+            config.upstream_timeout(),
+        ));
+        Self::bind_with_upstream(config, snapshots, upstream).await
+    }
+
+    /// As [`Server::bind`], with the given upstream (tests put a fake one here).
+    pub async fn bind_with_upstream(
+        config: Config,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        upstream: Arc<dyn Upstream>,
+    ) -> Result<Server, ServerError> {
+        let shared = Arc::new(Shared::new(&config, upstream)?);
+        let (udp, tcp) = bind_pair(config.listen).await?;
+        let udp_addr = udp.local_addr().map_err(|source| ServerError::Bind {
+            transport: "UDP",
+            addr: config.listen,
+            source,
+        })?;
+        let tcp_addr = tcp.local_addr().map_err(|source| ServerError::Bind {
+            transport: "TCP",
+            addr: config.listen,
+            source,
+        })?;
+        shared.apply(snapshots.borrow_and_update().clone());
+
+        let mut tasks = Vec::new();
+        let follower = Arc::clone(&shared);
+        tasks.push(tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let snap = snapshots.borrow_and_update().clone();
+                follower.apply(snap);
+            }
+            tracing::info!("snapshot source closed; serving the last applied cluster state");
+        }));
+        let udp = Arc::new(udp);
+        let workers = match config.udp_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        for _ in 0..workers {
+            tasks.push(tokio::spawn(udp_loop(
+                Arc::clone(&shared),
+                Arc::clone(&udp),
+            )));
+        }
+        tasks.push(tokio::spawn(tcp_loop(
+            Arc::clone(&shared),
+            tcp,
+            Arc::new(Semaphore::new(config.max_tcp_connections)),
+        )));
+        tracing::info!(%udp_addr, %tcp_addr, zone = %config.zone, "DNS server listening");
+        Ok(Server {
+            shared,
+            udp_addr,
+            tcp_addr,
+            tasks,
+        })
+    }
+
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Generation of the snapshot the answers reflect.
+    pub fn applied_generation(&self) -> u64 {
+        self.shared
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .applied()
+            .generation
+    }
+
+    /// Forwarded answers currently cached.
+    pub fn cached_answers(&self) -> usize {
+        self.shared.forwarder.cached()
+    }
+}
+
+/// UDP and TCP on one port. With port 0 the kernel picks the UDP port; TCP may find it taken,
+/// so a few attempts are made.
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+    let mut last = None;
+    for _ in 0..if addr.port() == 0 { 8 } else { 1 } {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                transport: "UDP",
+                addr,
+                source,
+            })?;
+        let port_addr = udp.local_addr().map_err(|source| ServerError::Bind {
+            transport: "UDP",
+            addr,
+            source,
+        })?;
+        match TcpListener::bind(port_addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(source) => {
+                last = Some(ServerError::Bind {
+                    transport: "TCP",
+                    addr: port_addr,
+                    source,
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ServerError::Bind {
+        transport: "TCP",
+        addr,
+        source: std::io::Error::other("no attempt made"),
+    }))
+}
+
+async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65535];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive failed");
+                continue;
+            }
+        };
+        let outcome = shared.handle(&buf[..n], &mut out, true);
+        let is_chase = matches!(outcome, Outcome::Chase(_));
+        match outcome {
+            Outcome::Reply => {
+                let _ = socket.send_to(&out, peer).await;
+            }
+            Outcome::Drop => {}
+            Outcome::Forward(p) | Outcome::Chase(p) => {
+                match Arc::clone(&shared.inflight).try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = Arc::clone(&shared);
+                        let socket = Arc::clone(&socket);
+                        let partial = is_chase.then(|| out.clone());
+                        tokio::spawn(async move {
+                            let answer = match partial {
+                                Some(partial) => shared.chase(&partial, &p, true).await,
+                                None => shared.forward(&p, true).await,
+                            };
+                            let _ = socket.send_to(&answer, peer).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        // Shed; a chase still has its CNAME answer to give.
+                        if is_chase || shared.shed(&p, &mut out) {
+                            let _ = socket.send_to(&out, peer).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, conns: Arc<Semaphore>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&conns).try_acquire_owned() else {
+            shared.metrics.tcp_refused.fetch_add(1, Relaxed);
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let _ = tcp_conn(&shared, stream).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_conn(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(len)) => usize::from(len),
+            _ => return Ok(()),
+        };
+        buf.resize(len, 0);
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let answer: &[u8] = match shared.handle(&buf, &mut out, false) {
+            Outcome::Reply => &out,
+            Outcome::Drop => continue,
+            Outcome::Chase(p) => match Arc::clone(&shared.inflight).try_acquire_owned() {
+                Ok(_permit) => {
+                    out = shared.chase(&out, &p, false).await;
+                    &out
+                }
+                Err(_) => &out,
+            },
+            Outcome::Forward(p) => match Arc::clone(&shared.inflight).try_acquire_owned() {
+                Ok(_permit) => {
+                    out = shared.forward(&p, false).await;
+                    &out
+                }
+                Err(_) => {
+                    if !shared.shed(&p, &mut out) {
+                        continue;
+                    }
+                    &out
+                }
+            },
+        };
+        let mut framed = Vec::with_capacity(2 + answer.len());
+        framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+        framed.extend_from_slice(answer);
+        stream.write_all(&framed).await?;
+    }
+}
