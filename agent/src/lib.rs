@@ -5,13 +5,16 @@
 //! which, whenever the Nodes change, finds its own Node (its podCIDRs), installs the CNI plugin
 //! and its config ([`cni_install`]), and routes to every other node's pod CIDRs
 //! ([`routes::NodeNetwork`], native or VXLAN) inside the node's network namespace. Its
-//! [`status`] socket tells the CNI plugin's STATUS verb when the node is ready for pods.
+//! [`status`] socket tells the CNI plugin's STATUS verb when the node is ready for pods, and
+//! takes the veths that the plugin's DEL has tombstoned, which its [`reaper`] deletes in the
+//! background (a veth delete waits ~20 ms in the kernel, too long for DEL).
 //! Every change is made in the namespace given in [`AgentConfig::netns`], never in the one the
 //! agent happens to run in.
 
 pub mod cni_install;
 pub mod config;
 pub mod netns;
+pub mod reaper;
 pub mod routes;
 pub mod status;
 
@@ -27,12 +30,15 @@ use tracing::{info, info_span, warn, Instrument};
 pub use cni_install::{CniInstallError, Conflist};
 pub use config::{AgentConfig, ConfigError};
 pub use netns::{NetnsError, RootNetns};
+pub use reaper::{LinkReaper, ReaperError};
 pub use routes::{ApplyReport, NodeNetwork, NodeNetworkError, RoutingMode};
 pub use status::{Readiness, StatusError, StatusServer};
 
 /// First wait after a failed sync; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long a stopping agent lets the link reaper finish its queue (~60 links a second here).
+const REAPER_DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -41,6 +47,9 @@ pub enum AgentError {
 
     #[error(transparent)]
     Network(#[from] NodeNetworkError),
+
+    #[error(transparent)]
+    Reaper(#[from] ReaperError),
 
     #[error(
         "the cluster snapshot source closed; the watcher stopped, so the agent stops too \
@@ -95,7 +104,16 @@ impl Agent {
         let (readiness, readiness_rx) = watch::channel(Readiness::not_ready(
             "waiting for the first cluster snapshot",
         ));
-        let server = StatusServer::bind(&config.socket, readiness_rx)?;
+        // Started before the socket answers, so the first DELLINK already finds it. It ends
+        // when the server and this handle are gone, after finishing its queue.
+        let reaper = {
+            let (netns, root) = (config.netns.clone(), config.root_netns);
+            let span = tracing::Span::current();
+            tokio::task::spawn_blocking(move || span.in_scope(|| LinkReaper::start(&netns, root)))
+                .await
+                .expect("starting the link reaper does not panic")?
+        };
+        let server = StatusServer::bind(&config.socket, readiness_rx)?.with_reaper(reaper.clone());
         let (stop_server, server_stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(
             server
@@ -132,6 +150,13 @@ impl Agent {
         }
         let _ = stop_server.send(());
         let _ = server.await;
+        // What is still queued would otherwise wait for the next agent's start-up sweep.
+        if !reaper.idle(REAPER_DRAIN).await {
+            warn!(
+                pending = reaper.pending(),
+                "stopping with tombstoned pod veths still queued; the next agent deletes them"
+            );
+        }
         result
     }
 

@@ -1,9 +1,16 @@
 //! The agent's node-local status socket.
 //!
-//! A Unix stream socket; a client sends one line, `STATUS\n`, and reads one line back:
-//! `READY\n` once the agent has installed the CNI config and applied its node routes, else
-//! `NOTREADY <reason>\n`. The CNI plugin's STATUS verb asks it, so the container runtime
-//! holds pods back until the node can route them. Anything else gets `ERROR <what>\n`.
+//! A Unix stream socket; a client sends one line and reads one line back:
+//!
+//! * `STATUS\n`: `READY\n` once the agent has installed the CNI config and applied its node
+//!   routes, else `NOTREADY <reason>\n`. The CNI plugin's STATUS verb asks it, so the container
+//!   runtime holds pods back until the node can route them.
+//! * `DELLINK <name>\n`: the CNI plugin's DEL hands over a veth it has tombstoned; `OK\n` once
+//!   the [`LinkReaper`] has queued it (the delete happens later), `ERROR not a fairlead
+//!   tombstone\n` for any name that is not `flz` + 12 hex digits, or another `ERROR` (no reaper,
+//!   queue full), after which DEL deletes the link itself.
+//!
+//! Anything else gets `ERROR <what>\n`.
 
 use std::future::Future;
 use std::io;
@@ -16,12 +23,16 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::reaper::LinkReaper;
+
 /// The request line (without its newline).
 pub const STATUS_REQUEST: &str = "STATUS";
+/// `DELLINK <name>`: delete this tombstone in the background.
+pub const DELLINK_REQUEST: &str = "DELLINK";
 /// A client that has not sent its line by then is dropped, so a stuck client cannot pile up
 /// tasks.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request line read; `STATUS` is 6 bytes.
+/// Longest request line read; `DELLINK` and a tombstone are 23 bytes.
 const MAX_REQUEST: u64 = 256;
 
 /// Whether the agent is ready to have pods added on its node.
@@ -75,6 +86,7 @@ pub struct StatusServer {
     listener: UnixListener,
     path: PathBuf,
     readiness: watch::Receiver<Readiness>,
+    reaper: Option<LinkReaper>,
 }
 
 impl StatusServer {
@@ -113,7 +125,15 @@ impl StatusServer {
             listener,
             path: path.to_owned(),
             readiness,
+            reaper: None,
         })
+    }
+
+    /// Serves `DELLINK` by queuing on `reaper`; without one, `DELLINK` is answered with an
+    /// `ERROR` and the plugin deletes the link itself.
+    pub fn with_reaper(mut self, reaper: LinkReaper) -> Self {
+        self.reaper = Some(reaper);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -129,8 +149,9 @@ impl StatusServer {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let readiness = self.readiness.clone();
+                        let reaper = self.reaper.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, readiness).await {
+                            if let Err(e) = answer(stream, readiness, reaper.as_ref()).await {
                                 debug!(error = %e, "status client went away");
                             }
                         });
@@ -147,16 +168,32 @@ impl StatusServer {
     }
 }
 
-async fn answer(stream: UnixStream, readiness: watch::Receiver<Readiness>) -> io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    readiness: watch::Receiver<Readiness>,
+    reaper: Option<&LinkReaper>,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line"))??;
-    let reply = match line.trim_end_matches(['\n', '\r']) {
-        STATUS_REQUEST => readiness.borrow().answer(),
-        other => format!("ERROR unknown request {other:?}; send {STATUS_REQUEST}\n"),
+    let line = line.trim_end_matches(['\n', '\r']);
+    let dellink = line
+        .strip_prefix(DELLINK_REQUEST)
+        .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+        .map(str::trim_start);
+    let reply = match (line, dellink) {
+        (STATUS_REQUEST, _) => readiness.borrow().answer(),
+        (_, Some(name)) => match reaper.map(|r| r.submit(name)) {
+            Some(Ok(())) => "OK\n".to_owned(),
+            Some(Err(e)) => format!("ERROR {e}\n"),
+            None => "ERROR this agent does not delete links; delete it yourself\n".to_owned(),
+        },
+        (other, None) => format!(
+            "ERROR unknown request {other:?}; send {STATUS_REQUEST} or {DELLINK_REQUEST} <name>\n"
+        ),
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
@@ -165,10 +202,14 @@ async fn answer(stream: UnixStream, readiness: watch::Receiver<Readiness>) -> io
 /// Asks the agent at `path` for its status and returns the answer line without its newline
 /// (the client side, for tests and the CLI; the CNI plugin has its own).
 pub async fn query(path: &Path) -> io::Result<String> {
+    request(path, STATUS_REQUEST).await
+}
+
+/// Sends one request line (without its newline) to the agent at `path` and returns the answer
+/// line without its newline.
+pub async fn request(path: &Path, line: &str) -> io::Result<String> {
     let mut stream = UnixStream::connect(path).await?;
-    stream
-        .write_all(format!("{STATUS_REQUEST}\n").as_bytes())
-        .await?;
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
     let mut answer = String::new();
     stream.take(MAX_REQUEST).read_to_string(&mut answer).await?;
     Ok(answer.trim_end_matches('\n').to_owned())

@@ -26,8 +26,16 @@
 //! and the per-call latencies. Every call is bounded (`CALL_TIMEOUT`: the
 //! plugin is killed and the bench fails).
 //!
+//! `fairlead-cni` runs twice: as on a real node, with the agent's link
+//! reaper (the real `fairlead_agent::reaper::LinkReaper` behind the real
+//! status socket, in-process, deleting inside the node namespace) taking
+//! the veths DEL hands it; and with nothing listening on `agentSocket`, so
+//! every DEL falls back to deleting the veth itself. For the first, the
+//! reaper's own drain time after the last DEL is reported too.
+//!
 //! `--probe-delete` instead measures, in-process over rtnetlink, where a
-//! veth delete spends its time (see `cni/src/teardown.rs`).
+//! veth delete spends its time and what DEL's tombstone steps cost (see
+//! `cni/src/teardown.rs`).
 
 use std::{
     fmt::Write as _,
@@ -45,6 +53,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use fairlead_agent::{reaper::LinkReaper, status::StatusServer, Readiness, RootNetns};
 use fairlead_cni::{netlink::Netlink, netns::NetnsFile};
 use fairlead_testkit::Netns;
 use serde_json::{json, Value};
@@ -56,9 +65,12 @@ const SUBNET: &str = "10.244.1.0/24";
 const NETWORK: &str = "bench";
 /// Longest one plugin call may take before the bench kills it and fails.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause between phases, so one phase's leftovers (background children,
-/// RCU callbacks) do not land in the next one's figures.
+/// Pause between phases, so one phase's leftovers (RCU callbacks) do not
+/// land in the next one's figures.
 const SETTLE: Duration = Duration::from_millis(300);
+/// Longest the agent's reaper may take to drain after a phase's DELs
+/// (~20 ms a veth, one after another).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const TMP_PREFIX: &str = "fl-bench-";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -109,10 +121,12 @@ enum Peer {
     ReferenceList,
     /// The bridge plugin alone (it still execs host-local).
     ReferenceBridge,
-    /// fairlead-cni with its defaults: synchronous DEL.
+    /// fairlead-cni with its defaults and the agent's reaper on the node:
+    /// DEL hands the veth off.
     Fairlead,
-    /// fairlead-cni with `"backgroundLinkDelete": true`.
-    FairleadBackground,
+    /// fairlead-cni with nobody on `agentSocket`: DEL deletes the veth
+    /// itself.
+    FairleadNoAgent,
 }
 
 impl Peer {
@@ -120,15 +134,15 @@ impl Peer {
         Peer::ReferenceList,
         Peer::ReferenceBridge,
         Peer::Fairlead,
-        Peer::FairleadBackground,
+        Peer::FairleadNoAgent,
     ];
 
     fn label(self) -> &'static str {
         match self {
             Peer::ReferenceList => "reference: bridge + host-local + loopback",
             Peer::ReferenceBridge => "reference: bridge + host-local",
-            Peer::Fairlead => "fairlead-cni (sync DEL, default)",
-            Peer::FairleadBackground => "fairlead-cni (backgroundLinkDelete)",
+            Peer::Fairlead => "fairlead-cni (agent hand-off, default)",
+            Peer::FairleadNoAgent => "fairlead-cni, no agent (sync fallback)",
         }
     }
 }
@@ -138,6 +152,56 @@ struct Driver {
     peer: Peer,
     node: Netns,
     data: TempDir,
+    /// The agent's DEL side on this node (`Peer::Fairlead` only).
+    agent: Option<Agent>,
+}
+
+/// The agent's DEL side, in-process: the real link reaper inside the node
+/// namespace behind the real status socket, as the agent runs it.
+struct Agent {
+    runtime: Option<tokio::runtime::Runtime>,
+    reaper: LinkReaper,
+}
+
+impl Agent {
+    fn start(node: &Netns, socket: &Path) -> Result<Agent> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let reaper = LinkReaper::start(&node.path(), RootNetns::Refuse)?;
+        let (_ready, readiness) = tokio::sync::watch::channel(Readiness::Ready);
+        let server = {
+            let _inside = runtime.enter();
+            StatusServer::bind(socket, readiness)?.with_reaper(reaper.clone())
+        };
+        runtime.spawn(server.serve(std::future::pending()));
+        Ok(Agent {
+            runtime: Some(runtime),
+            reaper,
+        })
+    }
+
+    /// Waits until the reaper has deleted everything handed to it; how long
+    /// that took.
+    fn drain(&self) -> Result<Duration> {
+        let start = Instant::now();
+        let runtime = self.runtime.as_ref().context("agent stopped")?;
+        ensure!(
+            runtime.block_on(self.reaper.idle(DRAIN_TIMEOUT)),
+            "the reaper still has {} veths queued after {DRAIN_TIMEOUT:?}",
+            self.reaper.pending()
+        );
+        Ok(start.elapsed())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 /// A pod: a fresh network namespace and a container ID.
@@ -149,10 +213,16 @@ struct Pod {
 impl Driver {
     fn new(peer: Peer) -> Result<Driver> {
         let node = Netns::new()?;
+        let data = TempDir::new()?;
+        let agent = match peer {
+            Peer::Fairlead => Some(Agent::start(&node, &data.path().join("agent.sock"))?),
+            _ => None,
+        };
         Ok(Driver {
             peer,
             node,
-            data: TempDir::new()?,
+            data,
+            agent,
         })
     }
 
@@ -161,9 +231,15 @@ impl Driver {
             "cniVersion": "1.1.0",
             "name": NETWORK,
             "type": "fairlead-cni",
-            "backgroundLinkDelete": self.peer == Peer::FairleadBackground,
+            // Nobody listens there for `FairleadNoAgent`.
+            "agentSocket": self.data.path().join("agent.sock"),
             "ipam": {"type": "fairlead", "ranges": [SUBNET], "dataDir": self.data.path()},
         })
+    }
+
+    /// Waits for the agent's reaper to finish (None without an agent).
+    fn drain(&self) -> Result<Option<Duration>> {
+        self.agent.as_ref().map(Agent::drain).transpose()
     }
 
     fn bridge_config(&self) -> Value {
@@ -192,7 +268,7 @@ impl Driver {
     fn add(&self, pod: &Pod) -> Result<(Duration, Value)> {
         let start = Instant::now();
         let result = match self.peer {
-            Peer::Fairlead | Peer::FairleadBackground => {
+            Peer::Fairlead | Peer::FairleadNoAgent => {
                 self.call(FAIRLEAD, "ADD", pod, &self.fairlead_config())?
             }
             Peer::ReferenceBridge => {
@@ -222,7 +298,7 @@ impl Driver {
         };
         let start = Instant::now();
         match self.peer {
-            Peer::Fairlead | Peer::FairleadBackground => {
+            Peer::Fairlead | Peer::FairleadNoAgent => {
                 self.call(FAIRLEAD, "DEL", pod, &with_prev(self.fairlead_config()))?;
             }
             Peer::ReferenceBridge => {
@@ -432,6 +508,9 @@ struct Row {
     batch_add: Vec<Duration>,
     batch_del_wall: Option<Duration>,
     batch_del: Vec<Duration>,
+    /// The agent's reaper: time from the last DEL's return until it had
+    /// deleted every veth, after the sequential DELs and after the batch.
+    drain: Option<(Duration, Duration)>,
 }
 
 fn run_table(n: usize, verbose: bool) -> Result<()> {
@@ -448,6 +527,7 @@ fn run_table(n: usize, verbose: bool) -> Result<()> {
         rows.push(run_peer(peer, n).with_context(|| peer.label())?);
     }
     print_table(n, &rows);
+    print_drains(n, &rows);
     print_targets(&rows);
     if verbose {
         print_outliers(&rows);
@@ -483,12 +563,13 @@ fn run_peer(peer: Peer, n: usize) -> Result<Row> {
     let tag = match peer {
         Peer::ReferenceList => "rl",
         Peer::ReferenceBridge => "rb",
-        Peer::Fairlead => "fs",
-        Peer::FairleadBackground => "fb",
+        Peer::Fairlead => "fa",
+        Peer::FairleadNoAgent => "fs",
     };
     let warm = new_pods(1, &format!("{tag}w"))?;
     let (_, prev) = driver.add(&warm[0])?;
     driver.del(&warm[0], &prev)?;
+    driver.drain()?;
 
     let sequential = new_pods(n, &format!("{tag}s"))?;
     let concurrent = new_pods(n, &format!("{tag}c"))?;
@@ -508,6 +589,7 @@ fn run_peer(peer: Peer, n: usize) -> Result<Row> {
     for (pod, prev) in sequential.iter().zip(&results) {
         row.del.push(driver.del(pod, prev)?);
     }
+    let seq_drain = driver.drain()?;
     check_clean(&driver)?;
     thread::sleep(SETTLE);
 
@@ -526,13 +608,16 @@ fn run_peer(peer: Peer, n: usize) -> Result<Row> {
     })?;
     row.batch_del_wall = Some(wall);
     row.batch_del = latencies;
+    let batch_drain = driver.drain()?;
+    row.drain = seq_drain.zip(batch_drain);
     check_clean(&driver)?;
     thread::sleep(SETTLE);
     Ok(row)
 }
 
-/// After the DELs: no address left allocated, no pod-side interface left
-/// on the node (the bridge itself stays, as on a live node).
+/// After the DELs (and the reaper's drain): no address left allocated, no
+/// pod-side interface left on the node (the bridge itself stays, as on a
+/// live node), tombstones included.
 fn check_clean(driver: &Driver) -> Result<()> {
     let left = driver.leftover_allocations()?;
     ensure!(left.is_empty(), "addresses left allocated: {left:?}");
@@ -541,8 +626,6 @@ fn check_clean(driver: &Driver) -> Result<()> {
         .iter()
         .filter(|l| l.starts_with("fl") || l.starts_with("veth"))
         .collect();
-    // Background DEL returns before the kernel has freed the pair, but
-    // after the node namespace stopped listing it.
     ensure!(veths.is_empty(), "interfaces left on the node: {veths:?}");
     Ok(())
 }
@@ -595,6 +678,25 @@ fn print_table(n: usize, rows: &[Row]) {
     println!("{out}");
 }
 
+/// The agent's reaper: how long after the last DEL returned it had deleted
+/// every veth handed to it.
+fn print_drains(n: usize, rows: &[Row]) {
+    for row in rows {
+        let Some((seq, batch)) = row.drain else {
+            continue;
+        };
+        println!(
+            "{}: the agent's reaper finished {:.0} ms after the last of {n} sequential DELs \
+             and {:.0} ms after the batch of {n} ({:.1} ms a veth)",
+            row.label,
+            seq.as_secs_f64() * 1e3,
+            batch.as_secs_f64() * 1e3,
+            batch.as_secs_f64() * 1e3 / n as f64,
+        );
+    }
+    println!();
+}
+
 /// The targets, against the runtime's reference list: ADD and DEL p50 at
 /// most a third, p99 at most half, and the batch faster.
 fn print_targets(rows: &[Row]) {
@@ -602,7 +704,7 @@ fn print_targets(rows: &[Row]) {
     let Some(reference) = find(Peer::ReferenceList.label()) else {
         return;
     };
-    for peer in [Peer::Fairlead, Peer::FairleadBackground] {
+    for peer in [Peer::Fairlead, Peer::FairleadNoAgent] {
         let Some(ours) = find(peer.label()) else {
             continue;
         };
@@ -718,7 +820,8 @@ fn print_machine() {
 
 #[derive(Debug, Clone, Copy)]
 enum Variant {
-    /// RTM_DELLINK of the host end, from the node namespace (what DEL does).
+    /// RTM_DELLINK of the host end, from the node namespace (what the
+    /// agent's reaper does, and DEL when no agent takes the veth).
     Host,
     /// RTM_DELLINK of the pod end, from inside the pod namespace.
     Pod,
@@ -729,7 +832,7 @@ enum Variant {
 impl Variant {
     fn label(self) -> &'static str {
         match self {
-            Variant::Host => "delete the host end (what DEL does)",
+            Variant::Host => "delete the host end (the agent; DEL without one)",
             Variant::Pod => "delete the pod end, from inside the pod",
             Variant::DownThenHost => "set the host end down, then delete it",
         }
@@ -737,7 +840,7 @@ impl Variant {
 }
 
 fn probe_delete(n: usize) -> Result<()> {
-    let driver = Driver::new(Peer::Fairlead)?;
+    let driver = Driver::new(Peer::FairleadNoAgent)?;
     println!(
         "\nveth delete, {n} pods per variant, in-process rtnetlink (no exec). Times in ms.\n\
          `unlisted` = when another socket stops seeing the host end (the phase under RTNL);\n\
@@ -820,6 +923,151 @@ fn probe_delete(n: usize) -> Result<()> {
             ms(percentile(&call, 0.99)),
         );
         thread::sleep(SETTLE);
+    }
+    drop(driver);
+    probe_tombstone(&Driver::new(Peer::Fairlead)?, n)
+}
+
+/// What DEL's tombstone steps cost (`cni/src/teardown.rs`), one request at a
+/// time, in-process, and what is left for the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Rename the host end, leaving it up (logs "renamed ... while UP").
+    RenameUp,
+    /// Set the host end down, nothing else.
+    Down,
+    /// Rename the host end and set it down, in one request.
+    RenameDown,
+    /// Set the host end down, then rename it: two requests (what DEL does).
+    DownThenRename,
+    /// Then the same for the pod end, entering the pod namespace and
+    /// looking the end up first (what DEL does).
+    PodEnd,
+    /// Then `DELLINK <tombstone>` to the agent until its `OK`.
+    HandOff,
+    /// Then the delete of the down, renamed pair: the agent's cost per pod.
+    Reap,
+}
+
+impl Step {
+    const ALL: [Step; 7] = [
+        Step::RenameUp,
+        Step::Down,
+        Step::RenameDown,
+        Step::DownThenRename,
+        Step::PodEnd,
+        Step::HandOff,
+        Step::Reap,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Step::RenameUp => "rename the host end (left up)",
+            Step::Down => "set the host end down",
+            Step::RenameDown => "rename + down the host end, one request",
+            Step::DownThenRename => "down, then rename the host end (DEL)",
+            Step::PodEnd => "enter the pod, look up, down, rename its end (DEL)",
+            Step::HandOff => "DELLINK to the agent until OK (DEL)",
+            Step::Reap => "delete the tombstoned pair (the agent, per pod)",
+        }
+    }
+}
+
+fn probe_tombstone(driver: &Driver, n: usize) -> Result<()> {
+    let agent = driver
+        .agent
+        .as_ref()
+        .context("the probe's driver runs an agent")?;
+    let socket = driver.data.path().join("agent.sock");
+    println!("\nDEL's tombstone steps, {n} pods per row, in-process rtnetlink. Times in ms.\n");
+    println!("| step | call p50 | call p99 |");
+    println!("|---|---:|---:|");
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); Step::ALL.len()];
+    // The first three rows each on fresh pods; the last four are the steps
+    // of one DEL after another, on the same pods.
+    for step in [
+        Step::RenameUp,
+        Step::Down,
+        Step::RenameDown,
+        Step::DownThenRename,
+    ] {
+        let pods = new_pods(n, &format!("t{}", step as u8))?;
+        for (i, pod) in pods.iter().enumerate() {
+            let (_, prev) = driver.add(pod)?;
+            let host_name = prev["interfaces"][0]["name"]
+                .as_str()
+                .context("host interface in the ADD result")?
+                .to_owned();
+            let mut host = driver.node.run_in(Netlink::new)??;
+            let link = host.link(&host_name)?.context("host end")?;
+            let tomb = format!("flz{:06x}{:06x}", step as u8, i);
+            thread::sleep(Duration::from_millis(20));
+            let mut time = |step: Step, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+                let t = Instant::now();
+                f()?;
+                times[step as usize].push(t.elapsed());
+                Ok(())
+            };
+            match step {
+                Step::RenameUp => {
+                    time(
+                        step,
+                        &mut || Ok(host.rename_link(link.index, &tomb, false)?),
+                    )?
+                }
+                Step::Down => time(step, &mut || Ok(host.set_down_index(link.index)?))?,
+                Step::RenameDown => {
+                    time(step, &mut || Ok(host.rename_link(link.index, &tomb, true)?))?
+                }
+                _ => {
+                    time(Step::DownThenRename, &mut || {
+                        host.set_down_index(link.index)?;
+                        Ok(host.rename_link(link.index, &tomb, false)?)
+                    })?;
+                    time(Step::PodEnd, &mut || {
+                        let mut inside = NetnsFile::open(&pod.ns.path())?.netlink()?;
+                        let peer = inside.link("eth0")?.context("pod end")?;
+                        ensure!(Some(peer.index) == link.peer_index, "not our pod end");
+                        inside.set_down_index(peer.index)?;
+                        Ok(inside.rename_link(peer.index, &tomb, false)?)
+                    })?;
+                    if i % 2 == 0 {
+                        // Half of them through the agent (its reaper then
+                        // deletes them), half deleted here, timed.
+                        time(Step::HandOff, &mut || {
+                            let answer = fairlead_cni::agent::ask(
+                                &socket,
+                                &format!("DELLINK {tomb}"),
+                                Duration::from_secs(1),
+                            )?;
+                            ensure!(answer == "OK", "the agent answered {answer:?}");
+                            Ok(())
+                        })?;
+                        agent.drain()?;
+                    } else {
+                        time(Step::Reap, &mut || {
+                            ensure!(host.delete_link(&tomb)?, "{tomb} was not there");
+                            Ok(())
+                        })?;
+                    }
+                }
+            }
+            if matches!(step, Step::Down) {
+                host.delete_link(&host_name)?;
+            } else if step != Step::DownThenRename {
+                host.delete_link(&tomb)?;
+            }
+            driver.del(pod, &prev)?;
+        }
+        thread::sleep(SETTLE);
+    }
+    for step in Step::ALL {
+        println!(
+            "| {} | {} | {} |",
+            step.label(),
+            ms(percentile(&times[step as usize], 0.5)),
+            ms(percentile(&times[step as usize], 0.99)),
+        );
     }
     Ok(())
 }

@@ -11,7 +11,7 @@
 //!   "mtu": 1500,
 //!   "enableForwarding": true,
 //!   "agentSocket": "/run/fairlead/agent.sock",
-//!   "backgroundLinkDelete": false,
+//!   "agentHandoffTimeoutMs": 100,
 //!   "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]},
 //!   "ipam": {
 //!     "type": "fairlead",
@@ -49,6 +49,12 @@ pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/fairlead/agent.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/fairlead/ipam";
 pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 10_000;
+/// How long DEL waits for the agent to take a tombstoned veth before it
+/// deletes the veth itself.
+pub const DEFAULT_AGENT_HANDOFF_TIMEOUT_MS: u64 = 100;
+/// Longer waits would make a hung agent cost every DEL more than the
+/// synchronous delete it is meant to save.
+pub const MAX_AGENT_HANDOFF_TIMEOUT_MS: u64 = 10_000;
 /// The only IPAM this plugin drives, in-process.
 pub const IPAM_TYPE: &str = "fairlead";
 
@@ -129,8 +135,8 @@ struct RawConf {
     enable_forwarding: bool,
     #[serde(default = "default_agent_socket")]
     agent_socket: PathBuf,
-    #[serde(default)]
-    background_link_delete: bool,
+    #[serde(default = "default_agent_handoff_timeout_ms")]
+    agent_handoff_timeout_ms: u64,
     ipam: Option<RawIpam>,
     #[serde(default)]
     dns: Dns,
@@ -161,6 +167,9 @@ fn default_true() -> bool {
 fn default_agent_socket() -> PathBuf {
     PathBuf::from(DEFAULT_AGENT_SOCKET)
 }
+fn default_agent_handoff_timeout_ms() -> u64 {
+    DEFAULT_AGENT_HANDOFF_TIMEOUT_MS
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
@@ -185,14 +194,12 @@ pub struct NetConf {
     pub mtu: u32,
     pub enable_forwarding: bool,
     pub agent_socket: PathBuf,
-    /// `backgroundLinkDelete`, off by default. Off: DEL deletes the host
-    /// veth and returns when the kernel is done with it (one RCU grace
-    /// period, 15-40 ms here), leaving no process behind. On: DEL returns
-    /// once the interface is unlisted (a few ms) and a forked child waits
-    /// out the grace period; that child outlives the plugin, so the
-    /// runtime's subreaper (or init) must reap it, and a runtime that reaps
-    /// late collects zombies. See [`crate::teardown`] for the measurements.
-    pub background_link_delete: bool,
+    /// `agentHandoffTimeoutMs` (default 100): DEL renames the pod's veth
+    /// to a tombstone and asks the agent at `agent_socket` to delete it,
+    /// and deletes it itself (one RCU grace period, 15-40 ms here) when
+    /// the agent has not taken it within this time. `0` (None): never ask,
+    /// always delete synchronously. See [`crate::teardown`].
+    pub agent_handoff_timeout: Option<Duration>,
     pub ipam: Option<IpamConf>,
     pub dns: Dns,
     pub prev_result: Option<CniResult>,
@@ -307,6 +314,18 @@ impl NetConf {
             ));
         }
 
+        if raw.agent_handoff_timeout_ms > MAX_AGENT_HANDOFF_TIMEOUT_MS {
+            return Err(ConfigError::invalid(
+                "agentHandoffTimeoutMs",
+                format!(
+                    "{} is above {MAX_AGENT_HANDOFF_TIMEOUT_MS}; DEL deletes the veth itself in \
+                     about 20 ms, so a longer wait on the agent cannot pay off (0 turns the \
+                     hand-off off)",
+                    raw.agent_handoff_timeout_ms
+                ),
+            ));
+        }
+
         let prev_result = raw
             .prev_result
             .map(|v| {
@@ -322,7 +341,8 @@ impl NetConf {
             mtu: raw.mtu,
             enable_forwarding: raw.enable_forwarding,
             agent_socket: raw.agent_socket,
-            background_link_delete: raw.background_link_delete,
+            agent_handoff_timeout: (raw.agent_handoff_timeout_ms > 0)
+                .then(|| Duration::from_millis(raw.agent_handoff_timeout_ms)),
             ipam,
             dns: raw.dns,
             prev_result,
@@ -447,9 +467,10 @@ mod tests {
         assert_eq!(conf.mtu, 1500);
         assert!(conf.enable_forwarding);
         assert_eq!(conf.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
-        assert!(
-            !conf.background_link_delete,
-            "DEL is synchronous by default"
+        assert_eq!(
+            conf.agent_handoff_timeout,
+            Some(Duration::from_millis(100)),
+            "DEL hands the veth to the agent by default"
         );
         let ipam = conf.ipam().unwrap();
         assert_eq!(ipam.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
@@ -498,9 +519,25 @@ mod tests {
         assert!(err.contains("1280"), "{err}");
 
         let mut v = base();
-        v["backgroundLinkDelete"] = json!("yes");
+        v["agentHandoffTimeoutMs"] = json!("fast");
         let err = parse(v).unwrap_err().to_string();
-        assert!(err.contains("backgroundLinkDelete"), "{err}");
+        assert!(err.contains("agentHandoffTimeoutMs"), "{err}");
+
+        let mut v = base();
+        v["agentHandoffTimeoutMs"] = json!(60_000);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("agentHandoffTimeoutMs") && err.contains("10000"),
+            "{err}"
+        );
+
+        let mut v = base();
+        v["agentHandoffTimeoutMs"] = json!(0);
+        assert_eq!(
+            parse(v).unwrap().agent_handoff_timeout,
+            None,
+            "0 turns it off"
+        );
 
         let mut v = base();
         v["name"] = json!("../etc");

@@ -118,7 +118,6 @@ impl PluginError {
             | PluginError::Vanished { .. } => IO_FAILURE,
             PluginError::Teardown(e) => match e {
                 TeardownError::Netlink(_) => IO_FAILURE,
-                TeardownError::Timeout { .. } => TRY_AGAIN_LATER,
             },
             PluginError::VerbNotInVersion { .. } => INCOMPATIBLE_VERSION,
             PluginError::AlreadyExists { .. } => ALREADY_ATTACHED,

@@ -17,14 +17,16 @@
 //! ([`netlink`]), no async runtime and no `ip` subprocesses, so one ADD costs a
 //! handful of syscalls.
 //!
-//! DEL deletes the host end (the kernel takes the pod end, the routes and
-//! the neighbours with it) and returns when the kernel is done, which is
-//! mostly one RCU grace period; `"backgroundLinkDelete": true` trades that
-//! wait for a forked child the runtime must reap ([`teardown`]).
+//! DEL takes the veth out of use in a few fast requests (down, which drops
+//! its routes, and renamed to a `flz…` tombstone, both ends) and hands the
+//! slow delete (one RCU grace period, ~20 ms) to the agent over its socket
+//! ([`agent`]); when the agent does not take it, DEL deletes it itself
+//! ([`teardown`]).
 //!
 //! Every failure is rolled back in reverse order and reported as the spec's
 //! error JSON on stdout ([`PluginError`]).
 
+pub mod agent;
 pub mod config;
 pub mod env;
 pub mod error;

@@ -76,6 +76,9 @@ pub struct Link {
     pub mtu: u32,
     pub mac: Vec<u8>,
     pub kind: Option<String>,
+    /// The other end of a veth (`IFLA_LINK`): its index in its own
+    /// namespace, which may not be this one.
+    pub peer_index: Option<u32>,
 }
 
 /// A route as the kernel reports it (main table only).
@@ -318,6 +321,63 @@ impl Netlink {
         })
     }
 
+    /// Renames interface `index` to `new_name` and, with `down`, clears
+    /// `IFF_UP` in the same request. The kernel renames first, then changes
+    /// the flags, so an up interface is renamed while up: Linux 6.2 and
+    /// later allow that but log "renamed from ... (while UP)" for it, older
+    /// kernels refuse it (EBUSY). [`crate::teardown`] sets the link down in
+    /// a request of its own first.
+    pub fn rename_link(
+        &mut self,
+        index: u32,
+        new_name: &str,
+        down: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut link = LinkMessage::default();
+        // A rename needs the interface selected by index: without one the
+        // kernel takes IFLA_IFNAME as the selector instead.
+        link.header.index = index;
+        if down {
+            link.header.change_mask = LinkFlags::Up;
+        }
+        link.attributes = vec![LinkAttribute::IfName(new_name.to_owned())];
+        self.ack(RouteNetlinkMessage::SetLink(link), 0, &|| {
+            let down = if down { " and set it down" } else { "" };
+            format!("rename interface {index} to {new_name}{down}")
+        })
+    }
+
+    /// Clears `IFF_UP` on interface `index`.
+    pub fn set_down_index(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.header.change_mask = LinkFlags::Up;
+        self.ack(RouteNetlinkMessage::SetLink(link), 0, &|| {
+            format!("set interface {index} down")
+        })
+    }
+
+    /// Names of every interface in this namespace.
+    pub fn link_names(&mut self) -> Result<Vec<String>, NetlinkError> {
+        let replies = self.exchange(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+            &|| "list interfaces".to_owned(),
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|reply| match reply {
+                RouteNetlinkMessage::NewLink(link) => {
+                    link.attributes.into_iter().find_map(|attr| match attr {
+                        LinkAttribute::IfName(name) => Some(name),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Deletes the interface called `name`; Ok(false) if there was none.
     /// Deleting one end of a veth pair deletes both, with their addresses,
     /// routes and neighbour entries.
@@ -507,11 +567,13 @@ fn link_from(message: LinkMessage) -> Link {
         mtu: 0,
         mac: Vec::new(),
         kind: None,
+        peer_index: None,
     };
     for attr in message.attributes {
         match attr {
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
             LinkAttribute::Address(mac) => link.mac = mac,
+            LinkAttribute::Link(index) => link.peer_index = Some(index),
             LinkAttribute::LinkInfo(infos) => {
                 link.kind = infos.into_iter().find_map(|info| match info {
                     LinkInfo::Kind(kind) => Some(kind.to_string()),

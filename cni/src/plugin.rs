@@ -3,9 +3,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv6Addr},
-    os::unix::net::UnixStream,
     time::Duration,
 };
 
@@ -13,6 +11,7 @@ use netlink_packet_route::route::RouteScope;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    agent,
     config::{self, ConfigError, NetConf, Version, GATEWAY_V4, SUPPORTED_VERSIONS},
     env::{CniEnv, Command},
     error::PluginError,
@@ -372,16 +371,25 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
     let container_id = env.require_container_id()?;
     let ifname = env.require_ifname()?;
     let ipam_conf = conf.ipam()?;
-    // Deleting the host end removes the pod end too (wherever the pod's
-    // namespace is, or whether it still exists), so DEL never enters it.
-    // The addresses are released only after the interface and its routes
-    // are gone, so a concurrent ADD cannot get one while its old route lives.
+    // The veth is taken out of use (routes, names) and handed to the agent
+    // to delete, or deleted here if the agent does not take it; see
+    // `teardown`. The addresses are released only after that, so a
+    // concurrent ADD cannot get one while its old route lives.
     let mut host = Netlink::new()?;
     let name = host_ifname(container_id, ifname);
-    if conf.background_link_delete {
-        teardown::delete_link_in_background(&mut host, &name)?;
-    } else {
-        teardown::delete_link(&mut host, &name)?;
+    let pod = env.netns().map(|netns| teardown::PodEnd { netns, ifname });
+    let agent = conf.agent_handoff_timeout.map(|timeout| teardown::HandOff {
+        socket: &conf.agent_socket,
+        timeout,
+    });
+    let seed = format!("{container_id}/{ifname}");
+    if let teardown::Removed::Deleted {
+        fallback: Some(why),
+    } = teardown::remove_veth(&mut host, &name, &seed, pod, agent)?
+    {
+        // Not an error: the veth is gone all the same, only slower. The
+        // runtime logs a plugin's stderr.
+        eprintln!("fairlead-cni: DEL deleted the veth {name} itself: {why}");
     }
     Ipam::new(&conf.name, ipam_conf).release(container_id, ifname)?;
     Ok(())
@@ -557,24 +565,11 @@ fn status(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
         socket: conf.agent_socket.clone(),
         reason,
     };
-    let mut stream = UnixStream::connect(&conf.agent_socket)
-        .map_err(|e| unavailable(format!("cannot connect: {e}")))?;
-    stream
-        .set_read_timeout(Some(AGENT_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(AGENT_TIMEOUT)))
-        .and_then(|()| stream.write_all(b"STATUS\n"))
-        .map_err(|e| unavailable(format!("cannot ask: {e}")))?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .take(256)
-        .read_line(&mut line)
-        .map_err(|e| unavailable(format!("no answer: {e}")))?;
+    let line = agent::ask(&conf.agent_socket, agent::STATUS, AGENT_TIMEOUT)
+        .map_err(|e| unavailable(e.to_string()))?;
     // The agent answers `READY` or `NOTREADY <reason>`.
-    match line.trim_end() {
+    match line.as_str() {
         "READY" => Ok(()),
-        "" => Err(unavailable(
-            "it closed the connection without answering".into(),
-        )),
         other => match other.strip_prefix("NOTREADY") {
             Some(reason) => Err(unavailable(format!("it is not ready: {}", reason.trim()))),
             None => Err(unavailable(format!("it answered {other:?}"))),
@@ -583,7 +578,8 @@ fn status(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
 }
 
 /// Releases every allocation of this network not listed in
-/// `cni.dev/valid-attachments`, and the host veths of what it released.
+/// `cni.dev/valid-attachments`, deletes the host veths of what it released
+/// and every tombstone left on the node (see [`teardown`]).
 fn gc(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
     require_1_1(env.command, conf)?;
     let ipam_conf = conf.ipam()?;
@@ -599,13 +595,12 @@ fn gc(env: &CniEnv, conf: &NetConf) -> Result<(), PluginError> {
         .map(|a| (a.container_id.clone(), a.ifname.clone()))
         .collect();
     let released = Ipam::new(&conf.name, ipam_conf).gc(&valid)?;
-    if released.is_empty() {
-        return Ok(());
-    }
     let mut host = Netlink::new()?;
     for owner in released {
         host.delete_link(&host_ifname(&owner.container_id, &owner.ifname))?;
     }
+    // Tombstones no agent took (it was down, or a DEL died before asking).
+    teardown::delete_tombstones(&mut host)?;
     Ok(())
 }
 

@@ -231,7 +231,7 @@ impl<'a> Podman<'a> {
             "plugins": [{
                 "type": "fairlead-cni",
                 "mtu": 1450,
-                // Only STATUS talks to the agent; podman 4.3 never calls it.
+                // Without an agent listening, DEL falls back to a synchronous delete; STATUS and the DEL hand-off are the only calls to the agent; podman 4.3 never calls it.
                 "agentSocket": base.join("agent.sock"),
                 "ipam": {
                     "type": "fairlead",

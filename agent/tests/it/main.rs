@@ -6,6 +6,7 @@
 
 mod agent_run;
 mod cni_install;
+mod reaper;
 mod routing;
 mod status;
 mod topology;

@@ -10,9 +10,11 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use fairlead_agent::{reaper::LinkReaper, status::StatusServer, Readiness, RootNetns};
 use fairlead_testkit::{Netns, Veth};
 use serde_json::{json, Value};
 
@@ -140,6 +142,9 @@ impl Pod {
 pub struct Node {
     pub ns: Netns,
     pub data_dir: TempDir,
+    /// Holds the agent socket's path; nothing listens there unless a test
+    /// starts an [`Agent`].
+    pub agent_dir: TempDir,
     _underlay: Veth,
     _uplink: Netns,
 }
@@ -163,6 +168,7 @@ impl Node {
         Ok(Node {
             ns,
             data_dir: TempDir::new("ipam")?,
+            agent_dir: TempDir::new("agent")?,
             _underlay: underlay,
             _uplink: uplink,
         })
@@ -175,6 +181,7 @@ impl Node {
             "name": NETWORK,
             "type": "fairlead-cni",
             "mtu": 1450,
+            "agentSocket": self.agent_socket(),
             "dns": {"nameservers": ["10.96.0.10"], "search": ["default.svc.cluster.local"]},
             "ipam": {
                 "type": "fairlead",
@@ -182,6 +189,17 @@ impl Node {
                 "dataDir": self.data_dir.path(),
             }
         })
+    }
+
+    /// Where the plugin looks for the agent (`agentSocket`).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent_dir.path().join("agent.sock")
+    }
+
+    /// Starts the agent's DEL side on [`Node::agent_socket`], as on a real
+    /// node: a link reaper in this namespace behind the status socket.
+    pub fn start_agent(&self) -> Result<Agent> {
+        Agent::start(self)
     }
 
     pub fn ipam_dir(&self) -> PathBuf {
@@ -239,7 +257,8 @@ impl Node {
         self.verb("DEL", pod, &self.config())?.ok()
     }
 
-    /// Host-side veths the plugin made (`fl...`).
+    /// Host-side veths the plugin made (`fl...`), tombstones (`flz...`)
+    /// included.
     pub fn host_links(&self) -> Result<Vec<String>> {
         Ok(self
             .ns
@@ -274,6 +293,32 @@ impl Node {
         Ok(out)
     }
 
+    /// Tombstones (`flz...`) in the node namespace.
+    pub fn tombstones(&self) -> Result<Vec<String>> {
+        Ok(self
+            .host_links()?
+            .into_iter()
+            .filter(|l| fairlead_cni::teardown::is_tombstone(l))
+            .collect())
+    }
+
+    /// Waits (at most `timeout`) until no tombstone is left: the agent's
+    /// reaper deletes them after DEL has returned.
+    pub fn wait_reaped(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.tombstones()?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "tombstones still there after {timeout:?}: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// No host veth and no allocation: what every failed ADD must leave.
     pub fn assert_clean(&self) -> Result<()> {
         let links = self.host_links()?;
@@ -284,6 +329,57 @@ impl Node {
             "allocations left behind: {allocations:?}"
         );
         Ok(())
+    }
+}
+
+/// The agent's DEL side in-process: the real [`LinkReaper`] (inside the
+/// node namespace) behind the real status socket. Stopped on drop.
+pub struct Agent {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub reaper: LinkReaper,
+}
+
+impl Agent {
+    fn start(node: &Node) -> Result<Agent> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let reaper = LinkReaper::start(&node.ns.path(), RootNetns::Refuse)?;
+        let (_ready, readiness) = tokio::sync::watch::channel(Readiness::Ready);
+        let server = {
+            let _inside = runtime.enter();
+            StatusServer::bind(&node.agent_socket(), readiness)?.with_reaper(reaper.clone())
+        };
+        runtime.spawn(server.serve(std::future::pending()));
+        Ok(Agent {
+            runtime: Some(runtime),
+            reaper,
+        })
+    }
+}
+
+impl Agent {
+    /// Waits (at most `timeout`) until the reaper has nothing queued and no
+    /// delete running. The tombstone leaves the listing ~20 ms before its
+    /// delete returns (the kernel's RCU barrier), so this comes after
+    /// [`Node::wait_reaped`].
+    pub fn wait_idle(&self, timeout: Duration) -> Result<()> {
+        let runtime = self.runtime.as_ref().context("agent stopped")?;
+        ensure!(
+            runtime.block_on(self.reaper.idle(timeout)),
+            "the reaper still has {} links pending after {timeout:?}",
+            self.reaper.pending()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
     }
 }
 

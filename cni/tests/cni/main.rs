@@ -3,6 +3,7 @@
 //! They need root; without it they fail, they never skip.
 
 mod errors;
+mod handoff;
 mod harness;
 mod storm;
 mod traffic;

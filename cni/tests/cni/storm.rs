@@ -1,5 +1,6 @@
-//! Many concurrent invocations, as a busy node's runtime makes them: no
-//! leaked or duplicated address, no stray interface.
+//! Many concurrent invocations, as a busy node's runtime makes them, with
+//! the agent's reaper deleting the veths DEL hands it: no leaked or
+//! duplicated address, no stray interface once the reaper has drained.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -22,6 +23,8 @@ const PARALLEL: usize = 16;
 const MIXED_OPS: usize = 128;
 /// Bound on the whole storm, so a hang fails instead of running forever.
 const DEADLINE: Duration = Duration::from_secs(240);
+/// Bound on the reaper's drain after a round of DELs (~20 ms per veth).
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -73,6 +76,7 @@ fn run_parallel(
 fn a_storm_of_concurrent_adds_and_dels_leaks_and_duplicates_nothing() -> Result<()> {
     let start = Instant::now();
     let node = Node::new()?;
+    let agent = node.start_agent()?;
     let pods: Vec<Pod> = (0..PODS)
         .map(|i| Pod::new(&format!("storm{i:03}")))
         .collect::<Result<_>>()?;
@@ -172,6 +176,7 @@ fn a_storm_of_concurrent_adds_and_dels_leaks_and_duplicates_nothing() -> Result<
             );
         }
     }
+    node.wait_reaped(DRAIN)?;
     let links: BTreeSet<String> = node.host_links()?.into_iter().collect();
     let wanted: BTreeSet<String> = live.iter().map(|&p| pods[p].host_ifname()).collect();
     ensure!(
@@ -184,5 +189,7 @@ fn a_storm_of_concurrent_adds_and_dels_leaks_and_duplicates_nothing() -> Result<
     for (op, outcome) in run_parallel(&node, &pods, &dels, start)? {
         outcome.with_context(|| format!("{op:?}"))?;
     }
+    node.wait_reaped(DRAIN)?;
+    agent.wait_idle(DRAIN)?;
     node.assert_clean()
 }

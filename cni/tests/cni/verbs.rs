@@ -4,7 +4,6 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixListener,
     thread,
-    time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
@@ -106,6 +105,8 @@ fn add_returns_the_full_result_and_del_is_idempotent() -> Result<()> {
     node.assert_clean()
 }
 
+/// With no agent on the node DEL deletes the veth itself (the hand-off is
+/// in `handoff.rs`).
 #[test]
 fn del_is_done_when_it_returns_and_leaves_no_process_behind() -> Result<()> {
     let node = Node::new()?;
@@ -121,43 +122,6 @@ fn del_is_done_when_it_returns_and_leaves_no_process_behind() -> Result<()> {
         "the pod kept eth0"
     );
     Ok(())
-}
-
-#[test]
-fn background_link_delete_is_opt_in_and_its_child_exits_by_itself() -> Result<()> {
-    let node = Node::new()?;
-    let pod = Pod::new("bg01")?;
-    let mut config = node.config();
-    config["backgroundLinkDelete"] = json!(true);
-    node.verb("ADD", &pod, &config)?.ok_json()?;
-    let reply = node.verb("DEL", &pod, &config)?;
-    reply.ok()?;
-    // What DEL promises holds when it returns, child or no child.
-    node.assert_clean()?;
-    ensure!(
-        !pod.ns.links()?.iter().any(|l| l == "eth0"),
-        "the pod kept eth0"
-    );
-    // The child finishes the kernel's wait and exits (reaping it is the
-    // runtime's subreaper's job, so a zombie may remain).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let running: Vec<_> = group_members(reply.pid)?
-            .into_iter()
-            .filter(|(_, state)| *state != 'Z')
-            .collect();
-        if running.is_empty() {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the background delete child is still running: {running:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    // Idempotent in this mode too.
-    node.verb("DEL", &pod, &config)?.ok()?;
-    node.assert_clean()
 }
 
 #[test]
