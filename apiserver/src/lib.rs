@@ -58,6 +58,10 @@ pub(crate) struct Inner {
     pub(crate) kick: tokio::sync::watch::Sender<u64>,
 }
 
+/// One manifest object and what the server said: `Kind/ns/name`, and the
+/// error message if it was refused.
+pub type Applied = (String, Result<(), String>);
+
 /// A running server. Dropping it stops serving.
 pub struct ApiServer {
     inner: Arc<Inner>,
@@ -145,6 +149,33 @@ impl ApiServer {
             store: &mut self.inner.store.lock().expect("store lock"),
         }
         .create(obj)
+    }
+
+    /// Creates every object of a manifest file or directory, in order; one
+    /// bad object is reported (as `Kind/ns/name` with the server's message)
+    /// and the others still go in.
+    pub fn apply_manifests(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<Applied>, manifest::ManifestError> {
+        Ok(manifest::load(path)?
+            .into_iter()
+            .map(|d| {
+                let s = |p: &str| {
+                    d.pointer(p)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("?")
+                        .to_string()
+                };
+                let ns = d
+                    .pointer("/metadata/namespace")
+                    .and_then(|v| v.as_str())
+                    .map(|n| format!("{n}/"))
+                    .unwrap_or_default();
+                let what = format!("{}/{ns}{}", s("/kind"), s("/metadata/name"));
+                (what, self.create(d).map(|_| ()).map_err(|e| e.message))
+            })
+            .collect())
     }
 
     /// Simulates an API server restart with an outage: every watch is cut,

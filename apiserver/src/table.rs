@@ -49,6 +49,13 @@ fn age(obj: &Value, now: i64) -> String {
     }
 }
 
+/// Whether `status.conditions` has `type` with status True.
+fn condition(o: &Value, ty: &str) -> bool {
+    o.pointer("/status/conditions")
+        .and_then(|c| c.as_array())
+        .is_some_and(|c| c.iter().any(|c| c["type"] == ty && c["status"] == "True"))
+}
+
 fn join(v: Option<&Value>, f: impl Fn(&Value) -> String) -> String {
     v.and_then(|x| x.as_array())
         .map(|a| a.iter().map(f).collect::<Vec<_>>().join(","))
@@ -103,13 +110,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
     let age = json!(age(o, now));
     match kind {
         "Pod" => {
-            let ready = o
-                .pointer("/status/conditions")
-                .and_then(|c| c.as_array())
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
+            let ready = condition(o, "Ready");
             let n = o
                 .pointer("/spec/containers")
                 .and_then(|c| c.as_array())
@@ -195,13 +196,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
             ]
         }
         "Node" => {
-            let ready = o
-                .pointer("/status/conditions")
-                .and_then(|c| c.as_array())
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
+            let ready = condition(o, "Ready");
             let ips = join(o.pointer("/status/addresses"), |a| {
                 if a["type"] == "InternalIP" {
                     a["address"].as_str().unwrap_or("").to_string()

@@ -101,7 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot write kubeconfig {}", path.display()))?;
             }
             for m in &manifests {
-                for (obj, result) in sandbox::apply(&server, m)? {
+                for (obj, result) in server.apply_manifests(m)? {
                     match result {
                         Ok(()) => println!("created {obj}"),
                         Err(e) => println!("rejected {obj}: {e}"),

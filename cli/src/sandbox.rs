@@ -82,32 +82,6 @@ fn state_dir(name: &str) -> PathBuf {
     base.join(format!("sandbox-{name}"))
 }
 
-/// Creates every object in `path`; one bad object does not stop the others.
-pub fn apply(
-    server: &fairlead_apiserver::ApiServer,
-    path: &Path,
-) -> anyhow::Result<Vec<(String, Result<(), String>)>> {
-    let docs = fairlead_apiserver::manifest::load(path)?;
-    Ok(docs
-        .into_iter()
-        .map(|d| {
-            let what = format!(
-                "{}/{}{}",
-                d["kind"].as_str().unwrap_or("?"),
-                d.pointer("/metadata/namespace")
-                    .and_then(|v| v.as_str())
-                    .map(|n| format!("{n}/"))
-                    .unwrap_or_default(),
-                d.pointer("/metadata/name")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("?")
-            );
-            let r = server.create(d).map(|_| ()).map_err(|e| e.message);
-            (what, r)
-        })
-        .collect())
-}
-
 pub async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;

@@ -161,25 +161,8 @@ impl Sandbox {
 
     /// Creates the objects of a manifest file or directory; one bad object is
     /// reported and the others still go in.
-    pub fn apply(&self, path: &Path) -> anyhow::Result<Vec<(String, Result<(), String>)>> {
-        let docs = fairlead_apiserver::manifest::load(path)?;
-        Ok(docs
-            .into_iter()
-            .map(|d| {
-                let what = format!(
-                    "{}/{}{}",
-                    d["kind"].as_str().unwrap_or("?"),
-                    d.pointer("/metadata/namespace")
-                        .and_then(|v| v.as_str())
-                        .map(|n| format!("{n}/"))
-                        .unwrap_or_default(),
-                    d.pointer("/metadata/name")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("?")
-                );
-                (what, self.api.create(d).map(|_| ()).map_err(|e| e.message))
-            })
-            .collect())
+    pub fn apply(&self, path: &Path) -> anyhow::Result<Vec<fairlead_apiserver::Applied>> {
+        Ok(self.api.apply_manifests(path)?)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
