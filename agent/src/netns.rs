@@ -10,10 +10,7 @@
 use std::{
     fs::File,
     io,
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -61,12 +58,6 @@ pub enum NetnsError {
 
 /// `NS_GET_NSTYPE` (linux/nsfs.h: `_IO(0xb7, 0x3)`).
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-/// Inode of the initial network namespace on kernels that number it statically
-/// (uapi `NET_NS_INIT_INO`); older kernels number it dynamically, hence the witnesses.
-const NET_NS_INIT_INO: u64 = 0xEFFF_FFF9;
-/// Processes that always live in the root network namespace (init, kthreadd). PID 1's may be
-/// unreadable even to root inside some sandboxes, hence two.
-const ROOT_NETNS_WITNESSES: [&str; 2] = ["/proc/1/ns/net", "/proc/2/ns/net"];
 
 /// An opened and checked network namespace.
 #[derive(Debug)]
@@ -108,65 +99,23 @@ impl Netns {
     }
 
     fn is_root(&self) -> Result<bool, NetnsError> {
-        let (dev, ino) = fd_id(self.fd.as_fd()).map_err(|source| NetnsError::Open {
+        let open_err = |source| NetnsError::Open {
             netns: self.path.clone(),
             source,
-        })?;
-        if ino == NET_NS_INIT_INO {
-            return Ok(true);
-        }
-        let mut readable = false;
-        let mut last_error = None;
-        for witness in ROOT_NETNS_WITNESSES {
-            match std::fs::metadata(witness) {
-                Ok(meta) => {
-                    readable = true;
-                    if (meta.dev(), meta.ino()) == (dev, ino) {
-                        return Ok(true);
-                    }
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        match (readable, last_error) {
-            (false, Some(source)) => Err(NetnsError::RootUnknown {
-                netns: self.path.clone(),
-                source,
-            }),
-            _ => Ok(false),
-        }
+        };
+        let (dev, ino) = fairlead_netns::fd_id(self.fd.as_fd()).map_err(open_err)?;
+        fairlead_netns::is_root(dev, ino).map_err(|source| NetnsError::RootUnknown {
+            netns: self.path.clone(),
+            source,
+        })
     }
 
     /// Runs `f` on a new thread that has entered this namespace and returns its result; the
     /// calling thread never changes namespace. A panic in `f` is passed on.
     pub fn run_in<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R, NetnsError> {
-        let fd = self.fd.as_fd();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns with a valid namespace fd; it changes only this thread,
-                    // which ends when `f` returns.
-                    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(f())
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-        .map_err(|source| NetnsError::Enter {
+        fairlead_netns::run_in(self.fd.as_fd(), f).map_err(|source| NetnsError::Enter {
             netns: self.path.clone(),
             source,
         })
     }
-}
-
-fn fd_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: `stat` is plain data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out-pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((st.st_dev, st.st_ino))
 }

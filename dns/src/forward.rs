@@ -118,7 +118,7 @@ impl Forwarder {
                 }
                 tracing::debug!(name = %crate::name::to_text(&p.name), error = %e, "upstreams failed; answering SERVFAIL");
                 let mut out = Vec::new();
-                let q = question_only(p);
+                let q = p.question_only();
                 write_error(&mut out, &q, Rcode::ServFail, self.udp_size);
                 (out, Rcode::ServFail as u16)
             }
@@ -254,7 +254,7 @@ impl Forwarder {
             Err(e) => {
                 tracing::warn!(error = %e, "could not re-encode an upstream answer; answering SERVFAIL");
                 let mut out = Vec::new();
-                write_error(&mut out, &question_only(p), Rcode::ServFail, self.udp_size);
+                write_error(&mut out, &p.question_only(), Rcode::ServFail, self.udp_size);
                 (out, Rcode::ServFail as u16)
             }
         }
@@ -269,12 +269,15 @@ pub(crate) struct QuestionOnly<'a> {
     pub edns: Option<ClientEdns>,
 }
 
-fn question_only(p: &Pending) -> QuestionOnly<'_> {
-    QuestionOnly {
-        id: p.id,
-        flags: p.flags,
-        question: &p.question,
-        edns: p.edns,
+impl Pending {
+    /// What a records-less answer to this query needs.
+    pub(crate) fn question_only(&self) -> QuestionOnly<'_> {
+        QuestionOnly {
+            id: self.id,
+            flags: self.flags,
+            question: &self.question,
+            edns: self.edns,
+        }
     }
 }
 

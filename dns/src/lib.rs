@@ -79,14 +79,13 @@ pub fn answer_from_index(index: &Index, packet: &[u8], udp_size: u16) -> Option<
             authority,
             ..
         } => {
-            let refs: Vec<&[u8]> = answers.iter().map(|a| &**a).collect();
             wire::write_response(
                 &mut out,
                 &q,
                 &Sections {
                     rcode,
                     authoritative: true,
-                    answers: &refs,
+                    answers: &answers,
                     authority,
                 },
                 udp_size,

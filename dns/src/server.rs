@@ -160,11 +160,10 @@ impl Shared {
                 authority,
                 chase,
             } => {
-                let refs: Vec<&[u8]> = answers.iter().map(|a| &**a).collect();
                 let s = Sections {
                     rcode,
                     authoritative: true,
-                    answers: &refs,
+                    answers: &answers,
                     authority,
                 };
                 if wire::write_response(out, &q, &s, self.udp_size, limit) {
@@ -203,18 +202,24 @@ impl Shared {
         }
     }
 
+    /// The largest answer the client takes: its EDNS size (bounded by ours) or
+    /// 512 bytes over UDP, anything over TCP.
+    fn size_limit(&self, p: &Pending, udp: bool) -> usize {
+        match p.edns {
+            Some(e) if udp => usize::from(e.udp_size.clamp(512, self.udp_size.max(512))),
+            None if udp => wire::CLASSIC_UDP,
+            _ => usize::from(u16::MAX),
+        }
+    }
+
     /// The answer to a forwarded query, truncated for UDP when it does not fit.
     pub(crate) async fn forward(&self, p: &Pending, udp: bool) -> Vec<u8> {
         let (full, rcode) = self.forwarder.resolve(p).await;
         self.metrics.response_code(rcode);
-        let limit = match p.edns {
-            Some(e) if udp => usize::from(e.udp_size.clamp(512, self.udp_size.max(512))),
-            None if udp => wire::CLASSIC_UDP,
-            _ => usize::from(u16::MAX),
-        };
+        let limit = self.size_limit(p, udp);
         if full.len() > limit {
             self.metrics.truncated.fetch_add(1, Relaxed);
-            return forward::truncate(&full, &question_only(p), self.udp_size);
+            return forward::truncate(&full, &p.question_only(), self.udp_size);
         }
         full
     }
@@ -244,11 +249,7 @@ impl Shared {
             }
             Err(_) => return partial.to_vec(),
         };
-        let limit = match p.edns {
-            Some(e) if udp => usize::from(e.udp_size.clamp(512, self.udp_size.max(512))),
-            None if udp => wire::CLASSIC_UDP,
-            _ => usize::from(u16::MAX),
-        };
+        let limit = self.size_limit(p, udp);
         if full.len() > limit {
             self.metrics.truncated.fetch_add(1, Relaxed);
             let q = QuestionOnly {
@@ -268,7 +269,7 @@ impl Shared {
         match self.shed {
             ShedAction::Drop => false,
             ShedAction::Refuse => {
-                forward::write_error(out, &question_only(p), Rcode::Refused, self.udp_size);
+                forward::write_error(out, &p.question_only(), Rcode::Refused, self.udp_size);
                 self.metrics.response(Rcode::Refused);
                 true
             }
@@ -286,15 +287,6 @@ fn question_len(msg: &[u8]) -> usize {
         }
     }
     (at + 4).min(msg.len()).saturating_sub(12)
-}
-
-fn question_only(p: &Pending) -> QuestionOnly<'_> {
-    QuestionOnly {
-        id: p.id,
-        flags: p.flags,
-        question: &p.question,
-        edns: p.edns,
-    }
 }
 
 /// A running DNS server. Dropping it stops every task it started.

@@ -248,8 +248,9 @@ pub(crate) fn write_formerr(out: &mut Vec<u8>, id: u16, flags: u16) {
 pub(crate) struct Sections<'a> {
     pub rcode: Rcode,
     pub authoritative: bool,
-    /// Pre-encoded answer records and their count.
-    pub answers: &'a [&'a [u8]],
+    /// Pre-encoded answer records (borrowed from the index, or owned when
+    /// rewritten for a CNAME target), as `Index::lookup` returns them.
+    pub answers: &'a [std::borrow::Cow<'a, [u8]>],
     /// Pre-encoded authority records (the SOA of a negative answer).
     pub authority: Option<&'a [u8]>,
 }

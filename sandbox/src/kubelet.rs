@@ -343,10 +343,6 @@ impl Kubelet {
             self.teardown(&uid, p);
         }
     }
-
-    pub fn running(&self) -> usize {
-        self.running.len()
-    }
 }
 
 fn chrono_now() -> String {

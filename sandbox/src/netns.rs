@@ -19,8 +19,6 @@ pub enum NetnsError {
         path: String,
         source: std::io::Error,
     },
-    #[error("the thread working in network namespace {0} panicked")]
-    Panicked(String),
 }
 
 pub const NETNS_DIR: &str = "/var/run/netns";
@@ -80,44 +78,18 @@ pub fn list(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Sets a sysctl inside a namespace (never the root one) by writing /proc/sys
-/// from a thread that entered it.
-pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), NetnsError> {
-    let file = format!("/proc/sys/{}", key.replace('.', "/"));
-    let value = value.to_string();
-    run_in(ns, move || std::fs::write(&file, value))?.map_err(|source| NetnsError::Enter {
-        path: format!("{ns} (sysctl {key})"),
-        source,
-    })
-}
-
 /// Runs `f` on a new thread that has entered namespace `ns`; the calling
 /// thread's namespace never changes. Sockets `f` creates stay in `ns`.
-pub fn run_in<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, NetnsError> {
+pub fn run_in<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+    use std::os::fd::AsFd;
     let p = path(ns);
     let shown = p.display().to_string();
     let file = std::fs::File::open(&p).map_err(|source| NetnsError::Enter {
         path: shown.clone(),
         source,
     })?;
-    let handle = std::thread::spawn(move || -> Result<T, std::io::Error> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns(2) on a valid namespace fd, affecting only this
-        // short-lived thread, which exits when `f` returns.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(f())
-    });
-    handle
-        .join()
-        .map_err(|_| NetnsError::Panicked(shown.clone()))?
-        .map_err(|source| NetnsError::Enter {
-            path: shown,
-            source,
-        })
+    fairlead_netns::run_in(file.as_fd(), f).map_err(|source| NetnsError::Enter {
+        path: shown,
+        source,
+    })
 }

@@ -10,10 +10,7 @@
 use std::{
     fs::File,
     io,
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -61,11 +58,6 @@ pub(crate) struct OpenNetns {
 
 /// `NS_GET_NSTYPE` (linux/nsfs.h: `_IO(0xb7, 0x3)`).
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-/// Inode of the initial network namespace on kernels that number the
-/// initial namespaces statically (linux/nsfs.h `NET_NS_INIT_INO`).
-const NET_NS_INIT_INO: u64 = 0xEFFF_FFF9;
-/// Processes that live in the root network namespace.
-const ROOT_NETNS_WITNESSES: [&str; 2] = ["/proc/1/ns/net", "/proc/2/ns/net"];
 
 impl OpenNetns {
     pub(crate) fn open(netns: NetnsRef<'_>) -> Result<Self, Error> {
@@ -108,34 +100,12 @@ impl OpenNetns {
     /// EACCES from the ptrace access check), hence several. If no witness
     /// can be read at all we cannot tell, and refuse.
     pub(crate) fn is_root(&self) -> Result<bool, Error> {
-        if self.id.ino == NET_NS_INIT_INO {
-            return Ok(true);
-        }
-        let mut readable = false;
-        let mut last_error = None;
-        for witness in ROOT_NETNS_WITNESSES {
-            match std::fs::metadata(witness) {
-                Ok(meta) => {
-                    readable = true;
-                    if self.id
-                        == (NsId {
-                            dev: meta.dev(),
-                            ino: meta.ino(),
-                        })
-                    {
-                        return Ok(true);
-                    }
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        match (readable, last_error) {
-            (true, _) | (false, None) => Ok(false),
-            (false, Some(source)) => Err(Error::RootNetnsUnknown {
+        fairlead_netns::is_root(self.id.dev, self.id.ino).map_err(|source| {
+            Error::RootNetnsUnknown {
                 netns: self.label.clone(),
                 source,
-            }),
-        }
+            }
+        })
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -144,35 +114,10 @@ impl OpenNetns {
 }
 
 fn ns_id(fd: BorrowedFd<'_>) -> io::Result<NsId> {
-    // SAFETY: `stat` is plain data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out-pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(NsId {
-        dev: st.st_dev,
-        ino: st.st_ino,
-    })
+    let (dev, ino) = fairlead_netns::fd_id(fd)?;
+    Ok(NsId { dev, ino })
 }
 
 /// Runs `f` on a new thread that has entered the namespace `ns`, and
 /// returns its result. A panic in `f` is passed on to the caller.
-pub(crate) fn run_in_netns<R: Send>(
-    ns: BorrowedFd<'_>,
-    f: impl FnOnce() -> R + Send,
-) -> io::Result<R> {
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(|| {
-            // SAFETY: setns with a valid namespace fd; it changes only this
-            // thread, which ends when `f` returns.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(f())
-        });
-        handle
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
+pub(crate) use fairlead_netns::run_in as run_in_netns;
