@@ -242,20 +242,7 @@ impl Netns {
             source,
         };
         let file = File::open(self.path()).map_err(enter_error)?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns with a valid netns fd; it changes only
-                    // this thread, which ends when `f` returns.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(f())
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-        .map_err(enter_error)
+        fairlead_netns::run_in(std::os::fd::AsFd::as_fd(&file), f).map_err(enter_error)
     }
 
     /// A [`Command`] for `program` that runs inside this namespace, as a
