@@ -15,6 +15,7 @@
 mod cgroup;
 mod mountns;
 mod netns;
+pub mod packet;
 
 pub use cgroup::{cgroup_mounts, sweep_stale_cgroups, CgroupTree};
 pub use mountns::PrivateMounts;

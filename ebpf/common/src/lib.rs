@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod ifstats;
+pub mod lb;
 
 /// BPF object names (maps, programs) are cut at 15 bytes by the kernel
 /// (`BPF_OBJ_NAME_LEN` is 16 with the NUL). A longer name would load but

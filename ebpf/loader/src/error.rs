@@ -164,4 +164,42 @@ pub enum Error {
         #[source]
         source: Box<ProgramError>,
     },
+
+    #[error("writing map {map} failed: {source}; the map may be full (raise its max_entries in fairlead-ebpf-common::lb) or the kernel refused the entry")]
+    MapWrite {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+
+    #[error("pinning {what} at {path} failed: {source}", path = .path.display())]
+    Pin {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error(
+        "{path} is not a cgroup v2 directory Fairlead may attach to: {reason}; socket-level \
+         load balancing attaches only to a cgroup subtree the sandbox or a test created, \
+         never to a hierarchy's root",
+        path = .path.display()
+    )]
+    Cgroup { path: PathBuf, reason: String },
+
+    #[error("attaching {program} to cgroup {path} failed: {source}", path = .path.display())]
+    CgroupAttach {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
+
+    #[error(
+        "pinned map {path} has a different layout than this build expects ({detail}); an \
+         incompatible Fairlead left it: remove the pin directory and restart",
+        path = .path.display()
+    )]
+    PinnedMapMismatch { path: PathBuf, detail: String },
 }

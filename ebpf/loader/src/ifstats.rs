@@ -327,33 +327,12 @@ impl IfStats {
     /// kernel runs it as if the frame came through the loopback device of the
     /// caller's namespace, so it is counted under that device's ifindex (1).
     pub fn test_run(&self, direction: Direction, packet: &[u8]) -> Result<TestRunOutput, Error> {
-        let program = program_name(direction);
-        let classifier: &SchedClassifier = self
-            .ebpf
-            .program(program)
-            .ok_or(Error::ProgramMissing { program })?
-            .try_into()
-            .map_err(|source| Error::ProgramType {
-                program,
-                source: Box::new(source),
-            })?;
-        let mut out = vec![0u8; packet.len() + TEST_RUN_HEADROOM];
-        let result = classifier
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .map_err(|source| Error::TestRun {
-                program,
-                source: Box::new(source),
-            })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            return_value: result.return_value,
-            data: out,
-            duration: result.duration,
-        })
+        test_run_classifier(
+            &self.ebpf,
+            program_name(direction),
+            packet,
+            TEST_RUN_HEADROOM,
+        )
     }
 
     /// Lists the tcx programs on `ifname` inside `netns` (read-only; any
@@ -454,6 +433,41 @@ impl Drop for IfStats {
             tracing::warn!(instance = %self.instance, %error, "ifstats teardown incomplete");
         }
     }
+}
+
+/// BPF_PROG_TEST_RUN of one classifier on a full Ethernet frame, with
+/// `headroom` bytes of output room for programs that grow the packet.
+pub(crate) fn test_run_classifier(
+    ebpf: &Ebpf,
+    program: &'static str,
+    packet: &[u8],
+    headroom: usize,
+) -> Result<TestRunOutput, Error> {
+    let classifier: &SchedClassifier = ebpf
+        .program(program)
+        .ok_or(Error::ProgramMissing { program })?
+        .try_into()
+        .map_err(|source| Error::ProgramType {
+            program,
+            source: Box::new(source),
+        })?;
+    let mut out = vec![0u8; packet.len() + headroom];
+    let result = classifier
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .map_err(|source| Error::TestRun {
+            program,
+            source: Box::new(source),
+        })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        return_value: result.return_value,
+        data: out,
+        duration: result.duration,
+    })
 }
 
 fn program_name(direction: Direction) -> &'static str {

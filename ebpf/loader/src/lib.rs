@@ -11,6 +11,8 @@
 mod bpffs;
 mod error;
 mod ifstats;
+pub mod lb;
+pub mod maglev;
 mod netns;
 
 pub use bpffs::{ensure_bpffs, pin_dir, BPFFS_ROOT, PIN_DIR_PREFIX};
@@ -32,4 +34,5 @@ pub(crate) static OBJECT: &[u8] =
 const _: () = {
     const fn assert_send<T: Send>() {}
     assert_send::<IfStats>();
+    assert_send::<lb::Lb>();
 };

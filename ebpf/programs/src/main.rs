@@ -6,6 +6,7 @@
 #![no_main]
 
 mod ifstats;
+mod lb;
 
 // There is no unwinding in BPF and the verifier rejects anything that could
 // reach a real panic path; this handler only satisfies `no_std`.

@@ -1,0 +1,666 @@
+//! What the agent wants programmed, and the writes that get the maps there.
+//!
+//! [`ServiceTable`] remembers, per frontend, what the kernel holds (master
+//! entry, slot list, Maglev table), so a changed Service costs only the
+//! entries that differ: one endpoint replaced is one slot write. Every change
+//! is ordered so the datapath never sees a frontend with zero backends that
+//! should have some: backends are written before the slots that name them,
+//! new slots before the count that exposes them, the count lowered before the
+//! slots beyond it are deleted, and a backend deleted only after no slot
+//! names it. The kernel side is behind [`LbMaps`], so those orderings are
+//! unit-tested against a recording fake.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+};
+
+use fairlead_ebpf_common::lb::{
+    from_v6, mapped_v4, Backend as BackendValue, MaglevTable, Scope, SvcKey, SvcValue, BE_F_LOCAL,
+    MAGLEV_M, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE,
+};
+
+use crate::{maglev, Error};
+
+/// Transport protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// Where a frontend is reached: its address, port, protocol and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scope = match self.scope {
+            Scope::Internal => "internal",
+            Scope::External => "external",
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{} ({scope})", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{} ({scope})", self.port, self.proto),
+        }
+    }
+}
+
+/// One backend of a frontend (its protocol is the frontend's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Runs on this node (externalTrafficPolicy Local needs no SNAT to it).
+    pub local: bool,
+}
+
+/// Everything programmed for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    /// A node address (NodePort) or an external one (externalIPs,
+    /// LoadBalancer ingress) rather than a ClusterIP.
+    pub node: bool,
+    /// externalTrafficPolicy Local on an external-scope frontend.
+    pub local_policy: bool,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    pub maglev: bool,
+    /// In slot order. Empty: the frontend rejects new connections.
+    pub backends: Vec<BackendAddr>,
+}
+
+impl Frontend {
+    fn flags(&self) -> u16 {
+        let mut flags = 0;
+        if self.affinity_timeout_s.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        if self.maglev {
+            flags |= SVC_F_MAGLEV;
+        }
+        if self.node {
+            flags |= SVC_F_NODE;
+        }
+        if self.local_policy {
+            flags |= SVC_F_LOCAL;
+        }
+        flags
+    }
+}
+
+/// The kernel maps, as the table writes them.
+pub trait LbMaps {
+    fn put_svc(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), Error>;
+    fn del_svc(&mut self, key: &SvcKey) -> Result<(), Error>;
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), Error>;
+    fn del_backend(&mut self, id: u32) -> Result<(), Error>;
+    fn put_maglev(&mut self, id: u32, table: &MaglevTable) -> Result<(), Error>;
+    fn del_maglev(&mut self, id: u32) -> Result<(), Error>;
+    /// Deletes the conntrack entries of UDP flows from these (frontend id,
+    /// backend id) pairs, so the next datagram picks a live backend at once.
+    fn flush_udp(&mut self, pairs: &HashSet<(u32, u32)>) -> Result<usize, Error>;
+}
+
+/// What one call changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Frontends created or changed.
+    pub written: usize,
+    pub removed: usize,
+    /// Map updates and deletes issued.
+    pub map_ops: usize,
+    /// UDP conntrack entries deleted because their backend went away.
+    pub udp_flows_flushed: usize,
+    /// Frontends refused because another owner has them (two Services
+    /// claiming one external IP and port).
+    pub conflicts: Vec<(FrontendKey, String)>,
+}
+
+impl ApplyReport {
+    /// Adds another call's report to this one.
+    pub fn merge(&mut self, other: ApplyReport) {
+        self.written += other.written;
+        self.removed += other.removed;
+        self.map_ops += other.map_ops;
+        self.udp_flows_flushed += other.udp_flows_flushed;
+        self.conflicts.extend(other.conflicts);
+    }
+}
+
+/// What the kernel holds for one frontend.
+#[derive(Debug)]
+struct Programmed {
+    id: u32,
+    owner: Option<String>,
+    master: Option<SvcValue>,
+    /// Backend id per slot (slot `i + 1`).
+    slots: Vec<u32>,
+    maglev: Option<Vec<u32>>,
+    spec: Option<Frontend>,
+}
+
+#[derive(Debug)]
+struct BackendSlot {
+    id: u32,
+    refs: usize,
+    value: BackendValue,
+}
+
+type BackendKey = (IpAddr, u16, Proto);
+
+/// Ids handed out from 1 up, reusing freed ones.
+#[derive(Debug, Default)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        })
+    }
+
+    fn give(&mut self, id: u32) {
+        self.free.push(id);
+    }
+
+    /// After adoption: continue above the highest id in use.
+    fn reserve_up_to(&mut self, used: &HashSet<u32>) {
+        self.next = used.iter().copied().max().unwrap_or(0);
+        self.free = (1..self.next).filter(|i| !used.contains(i)).collect();
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    frontends: HashMap<FrontendKey, Programmed>,
+    owners: HashMap<String, BTreeSet<FrontendKey>>,
+    backends: HashMap<BackendKey, BackendSlot>,
+    backend_keys: HashMap<u32, BackendKey>,
+    frontend_ids: Ids,
+    backend_ids: Ids,
+}
+
+pub(crate) fn map_addr(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => mapped_v4(a.octets()),
+        IpAddr::V6(a) => from_v6(a.octets()),
+    }
+}
+
+pub(crate) fn unmap_addr(addr: &[u32; 4]) -> IpAddr {
+    let mut bytes = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn svc_key(key: &FrontendKey, slot: u16) -> SvcKey {
+    SvcKey {
+        addr: map_addr(key.addr),
+        port: key.port.to_be(),
+        proto: key.proto.number(),
+        scope: key.scope as u8,
+        slot,
+        _pad: 0,
+    }
+}
+
+impl ServiceTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Frontends programmed.
+    pub fn len(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+    }
+
+    /// The frontend programmed at `key`, if any.
+    pub fn get(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontends.get(key).and_then(|p| p.spec.as_ref())
+    }
+
+    /// The id the datapath knows `key` by (conntrack `svc`, affinity).
+    pub fn id(&self, key: &FrontendKey) -> Option<u32> {
+        self.frontends.get(key).map(|p| p.id)
+    }
+
+    /// Takes over what a previous agent left in pinned maps, unowned, so the
+    /// first sync rewrites only what changed while the agent was away, and
+    /// [`ServiceTable::prune_unowned`] then removes what no Service claimed.
+    pub fn adopt(&mut self, entries: &[(SvcKey, SvcValue)], backends: &[(u32, BackendValue)]) {
+        for (id, value) in backends {
+            let Some(proto) = Proto::from_number(value.proto) else {
+                continue;
+            };
+            let key = (unmap_addr(&value.addr), u16::from_be(value.port), proto);
+            self.backend_keys.insert(*id, key);
+            self.backends.insert(
+                key,
+                BackendSlot {
+                    id: *id,
+                    refs: 0,
+                    value: *value,
+                },
+            );
+        }
+        // Per frontend: its master entry and its (slot, backend id) entries.
+        type Found = (Option<SvcValue>, Vec<(u16, u32)>);
+        let mut by_frontend: HashMap<FrontendKey, Found> = HashMap::new();
+        for (k, v) in entries {
+            let (Some(proto), Some(scope)) = (Proto::from_number(k.proto), scope_of(k.scope))
+            else {
+                continue;
+            };
+            let key = FrontendKey {
+                addr: unmap_addr(&k.addr),
+                port: u16::from_be(k.port),
+                proto,
+                scope,
+            };
+            let entry = by_frontend.entry(key).or_default();
+            if k.slot == 0 {
+                entry.0 = Some(*v);
+            } else {
+                entry.1.push((k.slot, v.backend));
+            }
+        }
+        for (key, (master, mut slots)) in by_frontend {
+            let Some(master) = master else { continue };
+            slots.sort_unstable();
+            // Slots beyond the count are leftovers of a shrink cut short.
+            let slots: Vec<u32> = slots
+                .into_iter()
+                .filter(|(s, _)| *s <= master.count)
+                .map(|(_, b)| b)
+                .collect();
+            let mut refs: HashSet<u32> = slots.iter().copied().collect();
+            refs.retain(|id| self.backend_keys.contains_key(id));
+            for id in &refs {
+                let bkey = self.backend_keys[id];
+                if let Some(slot) = self.backends.get_mut(&bkey) {
+                    slot.refs += 1;
+                }
+            }
+            self.frontends.insert(
+                key,
+                Programmed {
+                    id: master.id,
+                    owner: None,
+                    master: Some(master),
+                    slots,
+                    // Unknown until rewritten: a Maglev frontend gets its
+                    // table recomputed (same input, same table) on first set.
+                    maglev: None,
+                    spec: None,
+                },
+            );
+        }
+        let used: HashSet<u32> = self.frontends.values().map(|p| p.id).collect();
+        self.frontend_ids.reserve_up_to(&used);
+        let used: HashSet<u32> = self.backend_keys.keys().copied().collect();
+        self.backend_ids.reserve_up_to(&used);
+    }
+
+    /// Makes `owner`'s frontends exactly `frontends`: writes what differs,
+    /// removes the owner's frontends not listed.
+    pub fn set(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        owner: &str,
+        frontends: Vec<Frontend>,
+    ) -> Result<ApplyReport, Error> {
+        let mut report = ApplyReport::default();
+        let mut flush = HashSet::new();
+        let wanted: BTreeSet<FrontendKey> = frontends.iter().map(|f| f.key).collect();
+        let old = self.owners.get(owner).cloned().unwrap_or_default();
+        // Removals first: a frontend moving between owners frees its key.
+        for key in old.difference(&wanted) {
+            self.remove_frontend(maps, key, &mut report, &mut flush)?;
+        }
+        let mut owned = BTreeSet::new();
+        let mut result = Ok(());
+        for frontend in frontends {
+            let key = frontend.key;
+            if let Some(p) = self.frontends.get(&key) {
+                if let Some(other) = p.owner.as_deref().filter(|o| *o != owner) {
+                    report.conflicts.push((key, other.to_owned()));
+                    continue;
+                }
+            }
+            owned.insert(key);
+            if let Err(e) = self.write_frontend(maps, owner, frontend, &mut report, &mut flush) {
+                result = Err(e);
+                break;
+            }
+        }
+        if owned.is_empty() {
+            self.owners.remove(owner);
+        } else {
+            self.owners.insert(owner.to_owned(), owned);
+        }
+        report.udp_flows_flushed += flush_udp(maps, &flush)?;
+        result.map(|()| report)
+    }
+
+    /// Removes everything `owner` has.
+    pub fn remove(&mut self, maps: &mut dyn LbMaps, owner: &str) -> Result<ApplyReport, Error> {
+        self.set(maps, owner, Vec::new())
+    }
+
+    /// Removes adopted frontends no owner claimed since [`ServiceTable::adopt`].
+    pub fn prune_unowned(&mut self, maps: &mut dyn LbMaps) -> Result<ApplyReport, Error> {
+        let mut report = ApplyReport::default();
+        let mut flush = HashSet::new();
+        let unowned: Vec<FrontendKey> = self
+            .frontends
+            .iter()
+            .filter(|(_, p)| p.owner.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unowned {
+            self.remove_frontend(maps, &key, &mut report, &mut flush)?;
+        }
+        // Backends only the removed frontends used.
+        let orphans: Vec<BackendKey> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.refs == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in orphans {
+            self.drop_backend(maps, key, &mut report)?;
+        }
+        report.udp_flows_flushed += flush_udp(maps, &flush)?;
+        Ok(report)
+    }
+
+    fn backend_id(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        proto: Proto,
+        b: &BackendAddr,
+        report: &mut ApplyReport,
+    ) -> Result<u32, Error> {
+        let key = (b.addr, b.port, proto);
+        let value = BackendValue {
+            addr: map_addr(b.addr),
+            port: b.port.to_be(),
+            proto: proto.number(),
+            flags: if b.local { BE_F_LOCAL } else { 0 },
+        };
+        if let Some(slot) = self.backends.get_mut(&key) {
+            if slot.value != value {
+                maps.put_backend(slot.id, &value)?;
+                report.map_ops += 1;
+                slot.value = value;
+            }
+            return Ok(slot.id);
+        }
+        let id = self.backend_ids.take();
+        if let Err(e) = maps.put_backend(id, &value) {
+            self.backend_ids.give(id);
+            return Err(e);
+        }
+        report.map_ops += 1;
+        self.backends
+            .insert(key, BackendSlot { id, refs: 0, value });
+        self.backend_keys.insert(id, key);
+        Ok(id)
+    }
+
+    fn drop_backend(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        key: BackendKey,
+        report: &mut ApplyReport,
+    ) -> Result<(), Error> {
+        if let Some(slot) = self.backends.get(&key) {
+            maps.del_backend(slot.id)?;
+            report.map_ops += 1;
+            self.backend_keys.remove(&slot.id);
+            self.backend_ids.give(slot.id);
+            self.backends.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Drops one reference per id; deletes backends nobody names any more.
+    fn release(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        ids: impl IntoIterator<Item = u32>,
+        report: &mut ApplyReport,
+    ) -> Result<(), Error> {
+        for id in ids {
+            let Some(key) = self.backend_keys.get(&id).copied() else {
+                continue;
+            };
+            let slot = self
+                .backends
+                .get_mut(&key)
+                .expect("backend_keys mirrors backends");
+            slot.refs = slot.refs.saturating_sub(1);
+            if slot.refs == 0 {
+                self.drop_backend(maps, key, report)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_frontend(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        owner: &str,
+        frontend: Frontend,
+        report: &mut ApplyReport,
+        flush: &mut HashSet<(u32, u32)>,
+    ) -> Result<(), Error> {
+        let key = frontend.key;
+        if let Some(p) = self.frontends.get_mut(&key) {
+            p.owner = Some(owner.to_owned());
+            if p.spec.as_ref() == Some(&frontend) {
+                return Ok(());
+            }
+        }
+        report.written += 1;
+
+        // Backends first: every id a slot or table will name exists.
+        let mut ids = Vec::with_capacity(frontend.backends.len());
+        for b in &frontend.backends {
+            ids.push(self.backend_id(maps, key.proto, b, report)?);
+        }
+        let new_set: HashSet<u32> = ids.iter().copied().collect();
+
+        let fid = match self.frontends.get(&key) {
+            Some(p) => p.id,
+            None => {
+                let id = self.frontend_ids.take();
+                self.frontends.insert(
+                    key,
+                    Programmed {
+                        id,
+                        owner: Some(owner.to_owned()),
+                        master: None,
+                        slots: Vec::new(),
+                        maglev: None,
+                        spec: None,
+                    },
+                );
+                id
+            }
+        };
+        // References are taken before anything can fail below, so a failed
+        // write never lets a still-named backend be deleted.
+        let old_set: HashSet<u32> = self.frontends[&key].slots.iter().copied().collect();
+        for id in new_set.difference(&old_set) {
+            let bkey = self.backend_keys[id];
+            self.backends.get_mut(&bkey).expect("just ensured").refs += 1;
+        }
+        let p = self.frontends.get_mut(&key).expect("inserted above");
+        // From here the kernel may differ from `spec`; it is set again only
+        // when every write went through.
+        p.spec = None;
+
+        if frontend.maglev && !ids.is_empty() {
+            let names: Vec<String> = frontend
+                .backends
+                .iter()
+                .map(|b| format!("{}/{}", b.addr, b.port))
+                .collect();
+            let table: Vec<u32> = maglev::table(&names, MAGLEV_M)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect();
+            if p.maglev.as_ref() != Some(&table) {
+                let array: MaglevTable =
+                    table.clone().try_into().expect("table has MAGLEV_M slots");
+                maps.put_maglev(fid, &array)?;
+                report.map_ops += 1;
+                p.maglev = Some(table);
+            }
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            if p.slots.get(i) != Some(&id) {
+                let value = SvcValue {
+                    backend: id,
+                    ..SvcValue::default()
+                };
+                maps.put_svc(&svc_key(&key, i as u16 + 1), &value)?;
+                report.map_ops += 1;
+                if i < p.slots.len() {
+                    p.slots[i] = id;
+                } else {
+                    p.slots.push(id);
+                }
+            }
+        }
+        let master = SvcValue {
+            backend: 0,
+            count: ids.len() as u16,
+            flags: frontend.flags(),
+            id: fid,
+            affinity_timeout_s: frontend.affinity_timeout_s.unwrap_or(0),
+        };
+        if p.master != Some(master) {
+            maps.put_svc(&svc_key(&key, 0), &master)?;
+            report.map_ops += 1;
+            p.master = Some(master);
+        }
+        while p.slots.len() > ids.len() {
+            maps.del_svc(&svc_key(&key, p.slots.len() as u16))?;
+            report.map_ops += 1;
+            p.slots.pop();
+        }
+        if (!frontend.maglev || ids.is_empty()) && p.maglev.is_some() {
+            maps.del_maglev(fid)?;
+            report.map_ops += 1;
+            p.maglev = None;
+        }
+        let gone: Vec<u32> = old_set.difference(&new_set).copied().collect();
+        if key.proto == Proto::Udp {
+            flush.extend(gone.iter().map(|b| (fid, *b)));
+        }
+        p.spec = Some(frontend);
+        self.release(maps, gone, report)
+    }
+
+    fn remove_frontend(
+        &mut self,
+        maps: &mut dyn LbMaps,
+        key: &FrontendKey,
+        report: &mut ApplyReport,
+        flush: &mut HashSet<(u32, u32)>,
+    ) -> Result<(), Error> {
+        let Some(p) = self.frontends.get_mut(key) else {
+            return Ok(());
+        };
+        let ids: HashSet<u32> = p.slots.iter().copied().collect();
+        // The master first: new flows stop matching before slots vanish.
+        if p.master.is_some() {
+            maps.del_svc(&svc_key(key, 0))?;
+            report.map_ops += 1;
+            p.master = None;
+        }
+        while !p.slots.is_empty() {
+            maps.del_svc(&svc_key(key, p.slots.len() as u16))?;
+            report.map_ops += 1;
+            p.slots.pop();
+        }
+        if p.maglev.is_some() || p.spec.as_ref().is_some_and(|s| s.maglev) {
+            maps.del_maglev(p.id)?;
+            report.map_ops += 1;
+            p.maglev = None;
+        }
+        let p = self.frontends.remove(key).expect("present above");
+        if key.proto == Proto::Udp {
+            flush.extend(ids.iter().map(|b| (p.id, *b)));
+        }
+        self.frontend_ids.give(p.id);
+        report.removed += 1;
+        self.release(maps, ids, report)
+    }
+}
+
+fn flush_udp(maps: &mut dyn LbMaps, pairs: &HashSet<(u32, u32)>) -> Result<usize, Error> {
+    if pairs.is_empty() {
+        return Ok(0);
+    }
+    maps.flush_udp(pairs)
+}
+
+fn scope_of(raw: u8) -> Option<Scope> {
+    match raw {
+        0 => Some(Scope::Internal),
+        1 => Some(Scope::External),
+        _ => None,
+    }
+}
