@@ -46,6 +46,9 @@ pub struct PluginConf {
     pub agent_socket: PathBuf,
     /// The plugin turns on IP forwarding in the node namespace when it adds a pod.
     pub enable_forwarding: bool,
+    /// ADD asks the agent to attach its eBPF datapath to the new veth (when the agent runs one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attach_datapath: bool,
     pub ipam: IpamConf,
 }
 
@@ -106,6 +109,7 @@ impl Conflist {
                 mtu,
                 agent_socket: agent_socket.to_owned(),
                 enable_forwarding: true,
+                attach_datapath: false,
                 ipam: IpamConf {
                     ipam_type: IPAM_TYPE.to_owned(),
                     ranges: node.pod_cidrs.iter().map(|c| c.to_string()).collect(),

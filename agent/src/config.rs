@@ -50,6 +50,14 @@ pub struct AgentConfig {
     /// Remove the CNI config when the agent stops. `FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN`,
     /// default `false`: on a rolling update the node keeps its config, and pods keep starting.
     pub uninstall_cni_on_shutdown: bool,
+    /// Service load balancing in eBPF (the kube-proxy replacement). `None`: off (the library
+    /// default, for tests of routing alone). From the environment it is on unless
+    /// `FAIRLEAD_AGENT_SERVICE_LB=false`, with `FAIRLEAD_AGENT_LB_INSTANCE` (pin directory
+    /// `/sys/fs/bpf/fairlead-<instance>`, default `node`), `FAIRLEAD_AGENT_LB_ALGORITHM`
+    /// (`random`, the default, or `maglev`), `FAIRLEAD_AGENT_SERVICE_CIDRS` (comma-separated,
+    /// default `10.96.0.0/12,fd00:10:96::/112`) and `FAIRLEAD_AGENT_POD_CGROUP` (a cgroup v2
+    /// directory for socket-level balancing; unset: tc only).
+    pub service_lb: Option<crate::services::LbSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +92,7 @@ impl AgentConfig {
             socket: DEFAULT_SOCKET.into(),
             mtu: None,
             uninstall_cni_on_shutdown: false,
+            service_lb: None,
         }
     }
 
@@ -163,6 +172,46 @@ impl AgentConfig {
         if let Some(v) = get(VAR_UNINSTALL_CNI_ON_SHUTDOWN) {
             config.uninstall_cni_on_shutdown = parse_bool(VAR_UNINSTALL_CNI_ON_SHUTDOWN, &v)?;
         }
+        let lb_on = match get(VAR_SERVICE_LB) {
+            Some(v) => parse_bool(VAR_SERVICE_LB, &v)?,
+            None => true,
+        };
+        if lb_on {
+            let instance = get(VAR_LB_INSTANCE).unwrap_or_else(|| "node".to_owned());
+            let ok = instance.len() <= 64
+                && !instance.starts_with('.')
+                && instance
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(invalid(
+                    VAR_LB_INSTANCE,
+                    &instance,
+                    "use 1-64 characters from [A-Za-z0-9._-], not starting with '.'",
+                ));
+            }
+            let mut lb = crate::services::LbSettings::new(instance);
+            if let Some(v) = get(VAR_LB_ALGORITHM) {
+                lb.maglev = match v.as_str() {
+                    "random" => false,
+                    "maglev" => true,
+                    _ => return Err(invalid(VAR_LB_ALGORITHM, &v, "use random or maglev")),
+                };
+            }
+            if let Some(v) = get(VAR_SERVICE_CIDRS) {
+                lb.service_cidrs = v
+                    .split(',')
+                    .map(|c| c.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e: fairlead_core::IpNetParseError| {
+                        invalid(VAR_SERVICE_CIDRS, &v, e.0)
+                    })?;
+            }
+            if let Some(v) = get(VAR_POD_CGROUP) {
+                lb.pod_cgroup = Some(v.into());
+            }
+            config.service_lb = Some(lb);
+        }
         Ok(config)
     }
 }
@@ -181,6 +230,11 @@ const VAR_IPAM_DATA_DIR: &str = "FAIRLEAD_AGENT_IPAM_DATA_DIR";
 const VAR_SOCKET: &str = "FAIRLEAD_AGENT_SOCKET";
 const VAR_MTU: &str = "FAIRLEAD_AGENT_MTU";
 const VAR_UNINSTALL_CNI_ON_SHUTDOWN: &str = "FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN";
+const VAR_SERVICE_LB: &str = "FAIRLEAD_AGENT_SERVICE_LB";
+const VAR_LB_INSTANCE: &str = "FAIRLEAD_AGENT_LB_INSTANCE";
+const VAR_LB_ALGORITHM: &str = "FAIRLEAD_AGENT_LB_ALGORITHM";
+const VAR_SERVICE_CIDRS: &str = "FAIRLEAD_AGENT_SERVICE_CIDRS";
+const VAR_POD_CGROUP: &str = "FAIRLEAD_AGENT_POD_CGROUP";
 
 fn default_plugin() -> PathBuf {
     std::env::current_exe()

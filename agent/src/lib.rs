@@ -13,9 +13,11 @@
 
 pub mod cni_install;
 pub mod config;
+pub mod datapath;
 pub mod netns;
 pub mod reaper;
 pub mod routes;
+pub mod services;
 pub mod status;
 
 use std::future::Future;
@@ -29,9 +31,11 @@ use tracing::{info, info_span, warn, Instrument};
 
 pub use cni_install::{CniInstallError, Conflist};
 pub use config::{AgentConfig, ConfigError};
+pub use datapath::{Datapath, DatapathError};
 pub use netns::{NetnsError, RootNetns};
 pub use reaper::{LinkReaper, ReaperError};
 pub use routes::{ApplyReport, NodeNetwork, NodeNetworkError, RoutingMode};
+pub use services::LbSettings;
 pub use status::{Readiness, StatusError, StatusServer};
 
 /// First wait after a failed sync; doubles up to [`MAX_RETRY`].
@@ -50,6 +54,9 @@ pub enum AgentError {
 
     #[error(transparent)]
     Reaper(#[from] ReaperError),
+
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
 
     #[error(
         "the cluster snapshot source closed; the watcher stopped, so the agent stops too \
@@ -76,6 +83,8 @@ pub struct Agent {
     readiness: watch::Sender<Readiness>,
     /// The config last written, so it is rewritten only when it would change.
     installed: Option<Conflist>,
+    /// Service load balancing, when configured.
+    datapath: Option<Datapath>,
 }
 
 impl Agent {
@@ -90,8 +99,19 @@ impl Agent {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
+        Self::run_with_client(config, snapshots, shutdown, None).await
+    }
+
+    /// [`Agent::run`], with an API client for Events (a Service the load balancer skips gets a
+    /// Warning Event, as well as a log line).
+    pub async fn run_with_client(
+        config: AgentConfig,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        shutdown: impl Future<Output = ()>,
+        client: Option<kube::Client>,
+    ) -> Result<(), AgentError> {
         let span = info_span!("agent", node = %config.node_name);
-        Self::run_inner(config, snapshots, shutdown)
+        Self::run_inner(config, snapshots, shutdown, client)
             .instrument(span)
             .await
     }
@@ -100,6 +120,7 @@ impl Agent {
         config: AgentConfig,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         shutdown: impl Future<Output = ()>,
+        client: Option<kube::Client>,
     ) -> Result<(), AgentError> {
         let (readiness, readiness_rx) = watch::channel(Readiness::not_ready(
             "waiting for the first cluster snapshot",
@@ -113,7 +134,25 @@ impl Agent {
                 .await
                 .expect("starting the link reaper does not panic")?
         };
-        let server = StatusServer::bind(&config.socket, readiness_rx)?.with_reaper(reaper.clone());
+        // Loaded before the socket answers, so the first ATTACH finds it.
+        let datapath = match &config.service_lb {
+            Some(settings) => Some(
+                Datapath::start(
+                    settings.clone(),
+                    &config.netns,
+                    &config.underlay_ifname,
+                    &config.node_name,
+                    client,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let mut server =
+            StatusServer::bind(&config.socket, readiness_rx)?.with_reaper(reaper.clone());
+        if let Some(dp) = &datapath {
+            server = server.with_datapath(dp.clone());
+        }
         let (stop_server, server_stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(
             server
@@ -137,6 +176,7 @@ impl Agent {
                 network,
                 readiness,
                 installed: None,
+                datapath,
             };
             agent.event_loop(&mut snapshots, shutdown).await
         }
@@ -168,9 +208,21 @@ impl Agent {
         let mut shutdown = std::pin::pin!(shutdown);
         // The snapshot last brought in line; a newer one with the same Nodes needs nothing.
         let mut applied: Option<Arc<Snapshot>> = None;
+        // The snapshot whose Services are in the maps (None: program all).
+        let mut lb_applied: Option<Arc<Snapshot>> = None;
         let mut retry: Option<(Instant, Duration)> = None;
+        let mut housekeeping = tokio::time::interval(datapath::HOUSEKEEPING_INTERVAL);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let snapshot = Arc::clone(&snapshots.borrow_and_update());
+            if let (true, Some(dp)) = (snapshot.ready, &self.datapath) {
+                // Services first: a pod that starts once routes exist finds them balanced.
+                match dp.sync(lb_applied.clone(), Arc::clone(&snapshot)).await {
+                    Ok(_) => lb_applied = Some(Arc::clone(&snapshot)),
+                    // The next snapshot's diff from the last good one covers these again.
+                    Err(e) => warn!(error = %e, "could not program Services"),
+                }
+            }
             let nodes_changed = match &applied {
                 Some(old) => !Snapshot::diff(old, &snapshot).nodes.is_empty(),
                 None => true,
@@ -203,6 +255,11 @@ impl Agent {
                     }
                 }
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
+                _ = housekeeping.tick(), if self.datapath.is_some() => {
+                    if let Some(dp) = &self.datapath {
+                        dp.housekeeping().await;
+                    }
+                }
             }
         }
     }
@@ -228,8 +285,11 @@ impl Agent {
             Some(mtu) => mtu,
             None => self.network.pod_mtu().await?,
         };
-        let conflist =
+        let mut conflist =
             Conflist::for_node(local, mtu, &self.config.socket, &self.config.ipam_data_dir)?;
+        for plugin in &mut conflist.plugins {
+            plugin.attach_datapath = self.datapath.is_some();
+        }
         if self.installed.as_ref() != Some(&conflist) {
             let (plugin, bin, conf, list) = (
                 self.config.cni_plugin.clone(),

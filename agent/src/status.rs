@@ -10,6 +10,10 @@
 //!   tombstone\n` for any name that is not `flz` + 12 hex digits, or another `ERROR` (no reaper,
 //!   queue full), after which DEL deletes the link itself.
 //!
+//! * `ATTACH <name>\n`: the CNI plugin's ADD made pod veth `<name>` (host end, `fl` + 11 hex);
+//!   `OK\n` once the datapath's eBPF programs are attached to it, so the pod never runs
+//!   without Service load balancing; `ERROR <why>\n` otherwise (ADD then fails and rolls back).
+//!
 //! Anything else gets `ERROR <what>\n`.
 
 use std::future::Future;
@@ -23,12 +27,15 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::datapath::Datapath;
 use crate::reaper::LinkReaper;
 
 /// The request line (without its newline).
 pub const STATUS_REQUEST: &str = "STATUS";
 /// `DELLINK <name>`: delete this tombstone in the background.
 pub const DELLINK_REQUEST: &str = "DELLINK";
+/// `ATTACH <name>`: attach the datapath to this new pod veth.
+pub const ATTACH_REQUEST: &str = "ATTACH";
 /// A client that has not sent its line by then is dropped, so a stuck client cannot pile up
 /// tasks.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +94,7 @@ pub struct StatusServer {
     path: PathBuf,
     readiness: watch::Receiver<Readiness>,
     reaper: Option<LinkReaper>,
+    datapath: Option<Datapath>,
 }
 
 impl StatusServer {
@@ -126,6 +134,7 @@ impl StatusServer {
             path: path.to_owned(),
             readiness,
             reaper: None,
+            datapath: None,
         })
     }
 
@@ -133,6 +142,12 @@ impl StatusServer {
     /// `ERROR` and the plugin deletes the link itself.
     pub fn with_reaper(mut self, reaper: LinkReaper) -> Self {
         self.reaper = Some(reaper);
+        self
+    }
+
+    /// Serves `ATTACH` with `datapath`; without one, `ATTACH` is answered with an `ERROR`.
+    pub fn with_datapath(mut self, datapath: Datapath) -> Self {
+        self.datapath = Some(datapath);
         self
     }
 
@@ -150,8 +165,9 @@ impl StatusServer {
                     Ok((stream, _)) => {
                         let readiness = self.readiness.clone();
                         let reaper = self.reaper.clone();
+                        let datapath = self.datapath.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, readiness, reaper.as_ref()).await {
+                            if let Err(e) = answer(stream, readiness, reaper.as_ref(), datapath).await {
                                 debug!(error = %e, "status client went away");
                             }
                         });
@@ -172,6 +188,7 @@ async fn answer(
     stream: UnixStream,
     readiness: watch::Receiver<Readiness>,
     reaper: Option<&LinkReaper>,
+    datapath: Option<Datapath>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -180,20 +197,34 @@ async fn answer(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line"))??;
     let line = line.trim_end_matches(['\n', '\r']);
-    let dellink = line
-        .strip_prefix(DELLINK_REQUEST)
-        .filter(|rest| rest.is_empty() || rest.starts_with(' '))
-        .map(str::trim_start);
-    let reply = match (line, dellink) {
-        (STATUS_REQUEST, _) => readiness.borrow().answer(),
-        (_, Some(name)) => match reaper.map(|r| r.submit(name)) {
+    let argument = |verb: &str| {
+        line.strip_prefix(verb)
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+            .map(str::trim_start)
+            .map(str::to_owned)
+    };
+    let reply = if line == STATUS_REQUEST {
+        readiness.borrow().answer()
+    } else if let Some(name) = argument(DELLINK_REQUEST) {
+        match reaper.map(|r| r.submit(&name)) {
             Some(Ok(())) => "OK\n".to_owned(),
             Some(Err(e)) => format!("ERROR {e}\n"),
             None => "ERROR this agent does not delete links; delete it yourself\n".to_owned(),
-        },
-        (other, None) => format!(
-            "ERROR unknown request {other:?}; send {STATUS_REQUEST} or {DELLINK_REQUEST} <name>\n"
-        ),
+        }
+    } else if let Some(name) = argument(ATTACH_REQUEST) {
+        match datapath {
+            Some(dp) => match tokio::task::spawn_blocking(move || dp.attach_pod(&name)).await {
+                Ok(Ok(())) => "OK\n".to_owned(),
+                Ok(Err(e)) => format!("ERROR {e}\n"),
+                Err(e) => format!("ERROR attach task failed: {e}\n"),
+            },
+            None => "ERROR this agent runs no eBPF datapath\n".to_owned(),
+        }
+    } else {
+        format!(
+            "ERROR unknown request {line:?}; send {STATUS_REQUEST}, {DELLINK_REQUEST} <name> or \
+             {ATTACH_REQUEST} <name>\n"
+        )
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await

@@ -1,10 +1,11 @@
 //! The plugin's side of the agent's node-local Unix socket: one request
 //! line out, one answer line back, the whole exchange bounded in time.
 //!
-//! Two requests (the agent's `fairlead_agent::status` documents the server):
+//! Three requests (the agent's `fairlead_agent::status` documents the server):
 //! `STATUS` (answered `READY` or `NOTREADY <reason>`) for the STATUS verb,
-//! and `DELLINK <tombstone>` (answered `OK` once queued) for DEL's hand-off
-//! of a tombstoned veth ([`crate::teardown`]).
+//! `DELLINK <tombstone>` (answered `OK` once queued) for DEL's hand-off
+//! of a tombstoned veth ([`crate::teardown`]), and `ATTACH <veth>`
+//! (answered `OK` once the eBPF programs are on it) for ADD.
 //!
 //! The socket is connected non-blocking: a blocking connect to a Unix
 //! socket whose listener has stopped accepting (a hung agent with a full
@@ -26,6 +27,8 @@ use std::{
 pub const STATUS: &str = "STATUS";
 /// `DELLINK <name>`: delete this tombstone in the background.
 pub const DELLINK: &str = "DELLINK";
+/// `ATTACH <name>`: attach the datapath programs to this new host veth.
+pub const ATTACH: &str = "ATTACH";
 /// Longest answer line read.
 const MAX_ANSWER: usize = 256;
 

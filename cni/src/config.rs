@@ -137,6 +137,8 @@ struct RawConf {
     agent_socket: PathBuf,
     #[serde(default = "default_agent_handoff_timeout_ms")]
     agent_handoff_timeout_ms: u64,
+    #[serde(default)]
+    attach_datapath: bool,
     ipam: Option<RawIpam>,
     #[serde(default)]
     dns: Dns,
@@ -200,6 +202,11 @@ pub struct NetConf {
     /// the agent has not taken it within this time. `0` (None): never ask,
     /// always delete synchronously. See [`crate::teardown`].
     pub agent_handoff_timeout: Option<Duration>,
+    /// `attachDatapath` (default false; the agent writes true when it runs
+    /// the eBPF datapath): ADD asks the agent at `agent_socket` to attach
+    /// its programs (Service load balancing) to the new host veth, and
+    /// fails (rolled back) if it cannot, so no pod runs without them.
+    pub attach_datapath: bool,
     pub ipam: Option<IpamConf>,
     pub dns: Dns,
     pub prev_result: Option<CniResult>,
@@ -343,6 +350,7 @@ impl NetConf {
             agent_socket: raw.agent_socket,
             agent_handoff_timeout: (raw.agent_handoff_timeout_ms > 0)
                 .then(|| Duration::from_millis(raw.agent_handoff_timeout_ms)),
+            attach_datapath: raw.attach_datapath,
             ipam,
             dns: raw.dns,
             prev_result,

@@ -81,6 +81,17 @@ pub enum PluginError {
     )]
     AgentUnavailable { socket: PathBuf, reason: String },
 
+    #[error(
+        "the Fairlead agent at {socket} could not attach its datapath to {ifname}: {reason}; \
+         the pod would run without Service load balancing, so it is not started",
+        socket = .socket.display()
+    )]
+    Datapath {
+        socket: PathBuf,
+        ifname: String,
+        reason: String,
+    },
+
     /// A failure whose rollback did not complete: the notes say what is left.
     #[error("{error}; rollback incomplete: {notes}")]
     RollbackIncomplete {
@@ -122,7 +133,7 @@ impl PluginError {
             PluginError::VerbNotInVersion { .. } => INCOMPATIBLE_VERSION,
             PluginError::AlreadyExists { .. } => ALREADY_ATTACHED,
             PluginError::Check(_) => CHECK_FAILED,
-            PluginError::AgentUnavailable { .. } => NOT_AVAILABLE,
+            PluginError::AgentUnavailable { .. } | PluginError::Datapath { .. } => NOT_AVAILABLE,
             PluginError::RollbackIncomplete { error, .. } => error.code(),
         }
     }

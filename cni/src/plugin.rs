@@ -205,6 +205,29 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Asks the agent to put its eBPF programs on the new host veth before the
+/// pod gets its result (and so before it can send a packet).
+fn attach_datapath(conf: &NetConf, host_ifname: &str) -> Result<(), PluginError> {
+    let fail = |reason: String| PluginError::Datapath {
+        socket: conf.agent_socket.clone(),
+        ifname: host_ifname.to_owned(),
+        reason,
+    };
+    let line = agent::ask(
+        &conf.agent_socket,
+        &format!("{} {host_ifname}", agent::ATTACH),
+        AGENT_TIMEOUT,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    match line.as_str() {
+        "OK" => Ok(()),
+        other => Err(fail(
+            other.strip_prefix("ERROR ").unwrap_or(other).to_owned(),
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn wire(
     host: &mut Netlink,
     pod: &mut Netlink,
@@ -315,6 +338,9 @@ fn wire(
                 RouteScope::Universe
             },
         })?;
+    }
+    if conf.attach_datapath {
+        attach_datapath(conf, &names.host)?;
     }
     if conf.enable_forwarding {
         if has_v4 {
