@@ -344,6 +344,8 @@ pub struct ServiceLb {
     /// Skips reported, so each is logged (and evented) once per reason.
     reported: BTreeMap<ObjectKey, Vec<String>>,
     pruned: bool,
+    /// The node addresses last written to the datapath.
+    node_addresses: Option<Vec<IpAddr>>,
 }
 
 /// Result of one sync.
@@ -369,6 +371,7 @@ impl ServiceLb {
             settings,
             reported: BTreeMap::new(),
             pruned: false,
+            node_addresses: None,
         })
     }
 
@@ -388,6 +391,10 @@ impl ServiceLb {
             .node(node_name)
             .map(|n| n.internal_ips.clone())
             .unwrap_or_default();
+        if self.node_addresses.as_ref() != Some(&addresses) {
+            self.lb.set_node_addresses(&addresses)?;
+            self.node_addresses = Some(addresses.clone());
+        }
         let settings = self.settings.clone();
         let view = NodeView {
             name: node_name,

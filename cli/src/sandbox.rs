@@ -63,6 +63,9 @@ pub struct Shape {
     /// Pod routing between nodes: vxlan or native.
     #[arg(long, default_value = "vxlan", value_parser = parse_routing)]
     routing: fairlead_sandbox::cluster::RoutingMode,
+    /// How Services pick a backend for a new flow: random or maglev (consistent hashing).
+    #[arg(long, default_value = "random", value_parser = ["random", "maglev"])]
+    lb_algorithm: String,
 }
 
 fn parse_routing(s: &str) -> Result<fairlead_sandbox::cluster::RoutingMode, String> {
@@ -162,6 +165,8 @@ async fn up(dir: Option<PathBuf>, name: &str, shape: &Shape) -> anyhow::Result<(
         &shape.nodes.to_string(),
         "--routing",
         routing,
+        "--lb-algorithm",
+        &shape.lb_algorithm,
     ]);
     if let Some(d) = &dir {
         cmd.arg(
@@ -274,6 +279,7 @@ async fn serve(dir: Option<PathBuf>, name: &str, shape: Shape) -> anyhow::Result
         routing: shape.routing,
         state_dir: sd.clone(),
         cni_plugin: cni_plugin()?,
+        maglev: shape.lb_algorithm == "maglev",
     };
     let sandbox = fairlead_sandbox::cluster::Sandbox::up(config).await?;
     let result = serve_until_signal(&sandbox, dir, name, &shape).await;
@@ -340,12 +346,21 @@ fn exec(name: &str, namespace: &str, pod: &str, command: &[String]) -> anyhow::R
     if !fairlead_sandbox::netns::path(&ns).exists() {
         bail!("pod {namespace}/{pod} is not running in sandbox {name:?} (no network namespace {ns}); see `fairlead sandbox status --name {name}`");
     }
+    // The command joins its node's cgroup, where socket-level load balancing is attached, as
+    // a container's processes would be in their pod's.
+    let cgroup = fairlead_sandbox::cgroup::find_pod(name, &ns);
     // `ip netns exec` also bind-mounts /etc/netns/<ns>/resolv.conf, the pod's DNS config.
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .args(command)
-        .status()
-        .context("cannot run `ip netns exec`")?;
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns]).args(command);
+    if let Some(dir) = cgroup {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only writes a file, which is async-signal-safe enough for a child
+        // between fork and exec (no locks are held by this single-threaded caller).
+        unsafe {
+            cmd.pre_exec(move || fairlead_sandbox::cgroup::join(&dir));
+        }
+    }
+    let status = cmd.status().context("cannot run `ip netns exec`")?;
     std::process::exit(status.code().unwrap_or(1));
 }
 

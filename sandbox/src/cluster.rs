@@ -29,6 +29,8 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// The `fairlead-cni` binary the agents install onto each node.
     pub cni_plugin: PathBuf,
+    /// Service backends chosen by Maglev consistent hashing instead of at random.
+    pub maglev: bool,
 }
 
 pub struct Sandbox {
@@ -122,14 +124,15 @@ impl Sandbox {
                 n,
                 &config,
                 &dirs,
-                cluster.subscribe()
+                cluster.subscribe(),
+                client.clone(),
             )));
         }
         let kubelets: Vec<Kubelet> = topology
             .nodes
             .iter()
             .map(|n| {
-                Kubelet::new(
+                let mut k = Kubelet::new(
                     &n.name,
                     &n.netns,
                     &n.underlay_v4.to_string(),
@@ -137,7 +140,9 @@ impl Sandbox {
                     Self::node_dirs(&config.state_dir, &n.name),
                     Self::agent_socket(&config.state_dir, &n.name),
                     client.clone(),
-                )
+                );
+                k.cgroup = crate::cgroup::node_dir(&config.name, &n.name);
+                k
             })
             .collect();
         let kubelets = Arc::new(Mutex::new(kubelets));
@@ -211,6 +216,34 @@ impl Sandbox {
         }
     }
 
+    /// Stops a node's agent and starts a new one, as a DaemonSet rollout does. Traffic keeps
+    /// flowing meanwhile: the datapath is pinned and the new agent adopts it.
+    pub async fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .ok_or_else(|| anyhow::anyhow!("no agent for node {node}"))?;
+        let old = self.agents.remove(i);
+        old.stop().await;
+        let spec = self
+            .topology
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .expect("agents exist only for nodes");
+        let dirs = Self::node_dirs(&self.config.state_dir, node);
+        let handle = crate::agents::start(
+            spec,
+            &self.config,
+            &dirs,
+            self.cluster.subscribe(),
+            self.client.clone(),
+        )?;
+        self.agents.insert(i, handle);
+        Ok(())
+    }
+
     /// Stops everything and removes every namespace and file it made.
     pub async fn down(self) {
         self.control.abort();
@@ -223,6 +256,8 @@ impl Sandbox {
         }
         self.api.shutdown().await;
         self.topology.destroy();
+        crate::agents::remove_lb_pins(&self.config.name);
+        crate::cgroup::remove(&self.config.name);
         let _ = std::fs::remove_dir_all(self.config.state_dir.join("nodes"));
     }
 }
@@ -241,9 +276,11 @@ pub fn pod_reports(snap: &Snapshot) -> Vec<PodReport> {
 }
 
 /// Removes what a crashed sandbox of this name left: its namespaces (the
-/// prefix names them all).
+/// prefix names them all), its agents' eBPF pins and its cgroups.
 pub fn sweep(name: &str) {
     crate::topology::destroy_prefix(&Topology::prefix(name));
+    crate::agents::remove_lb_pins(name);
+    crate::cgroup::remove(name);
 }
 
 /// Scheduler, kubelets and EndpointSlice controller, driven by snapshots.

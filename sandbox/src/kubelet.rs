@@ -48,6 +48,8 @@ pub struct Kubelet {
     /// The agent's status socket; the Node is Ready when the agent says so.
     agent_socket: PathBuf,
     node_ready: Option<bool>,
+    /// The node's cgroup; each pod gets a child named like its namespace.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The namespace a sandbox pod lives in.
@@ -95,6 +97,7 @@ impl Kubelet {
             failures: HashMap::new(),
             agent_socket,
             node_ready: None,
+            cgroup: None,
         }
     }
 
@@ -278,6 +281,9 @@ impl Kubelet {
         let etc = PathBuf::from(format!("/etc/netns/{ns}"));
         let _ = std::fs::create_dir_all(&etc);
         let _ = std::fs::write(etc.join("resolv.conf"), format!("nameserver 10.96.0.10\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"));
+        if let Some(cg) = &self.cgroup {
+            let _ = std::fs::create_dir_all(cg.join(&ns));
+        }
         let ns_path = netns::path(&ns).display().to_string();
         let result = match self.cni("ADD", uid, &ns_path, namespace, name) {
             Ok(r) => r,
@@ -335,6 +341,9 @@ impl Kubelet {
         }
         let _ = netns::delete(&p.netns);
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", p.netns));
+        if let Some(cg) = &self.cgroup {
+            crate::cgroup::remove_dir(&cg.join(&p.netns));
+        }
     }
 
     /// Tears down every pod (sandbox down).

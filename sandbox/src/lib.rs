@@ -7,6 +7,7 @@
 //! whole process, as everywhere else.
 
 pub mod agents;
+pub mod cgroup;
 pub mod cluster;
 pub mod endpoints;
 pub mod kubelet;

@@ -5,25 +5,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::FutureExt;
 
+mod common;
+use common::cni_plugin;
+
 use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
 use fairlead_sandbox::{kubelet, netns, topology::Topology, workload};
-
-/// `fairlead-cni` as cargo built it, next to this test's deps folder.
-fn cni_plugin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("fairlead-cni");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo build -p fairlead-cni` (cargo test --workspace does)",
-        p.display()
-    );
-    p
-}
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -80,6 +70,7 @@ async fn pods_reach_each_other(name: &str, routing: RoutingMode) {
         routing,
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
+        maglev: false,
     })
     .await
     .expect("sandbox up");

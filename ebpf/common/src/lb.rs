@@ -25,6 +25,9 @@
 //! - [`MAP_AFFINITY`]: sessionAffinity ClientIP (client, Service) -> backend.
 //! - [`MAP_SOCK_REV`]: socket-LB reverse translation for UDP replies.
 //! - [`MAP_STATS`]: per-CPU counters by [`Stat`].
+//! - [`MAP_NODE`]: this node's own addresses ([`NODE_ADDR_V4`], [`NODE_ADDR_V6`]), the
+//!   source of flows SNATed to a backend on another node (the frontend address itself may
+//!   be an externalIP no node owns, to which replies would not come back).
 
 use core::mem::size_of;
 
@@ -35,9 +38,11 @@ pub const MAP_CT: &str = "fl_lb_ct_v1";
 pub const MAP_AFFINITY: &str = "fl_lb_aff_v1";
 pub const MAP_SOCK_REV: &str = "fl_lb_skrev_v1";
 pub const MAP_STATS: &str = "fl_lb_stats_v1";
+pub const MAP_NODE: &str = "fl_lb_node_v1";
 
 /// Every map, for pinning and teardown.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
+    MAP_NODE,
     MAP_SVC,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -96,6 +101,11 @@ pub const HAIRPIN_V4: [u8; 4] = [169, 254, 42, 1];
 pub const HAIRPIN_V6: [u8; 16] = [
     0xfd, 0x00, 0x0f, 0xa1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42, 0x01,
 ];
+
+/// Index of the node's IPv4 address in [`MAP_NODE`] (all zero: unknown).
+pub const NODE_ADDR_V4: u32 = 0;
+/// Index of the node's IPv6 address in [`MAP_NODE`].
+pub const NODE_ADDR_V6: u32 = 1;
 
 /// Ports a NodePort flow to another node's backend is SNATed to (outside
 /// Linux's default ephemeral range 32768-60999, so never a local socket's).

@@ -438,3 +438,39 @@ fn gc_removes_expired_flows_and_keeps_established_ones() -> anyhow::Result<()> {
     assert_eq!(lb.conntrack()?.len(), 2);
     Ok(())
 }
+
+#[test]
+fn socket_lb_attaches_to_a_cgroup_it_is_given_and_refuses_a_root() -> anyhow::Result<()> {
+    let mut lb = load()?;
+    let root = fairlead_testkit::cgroup_mounts()?
+        .into_iter()
+        .find(|m| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(&format!(" {} ", m.display())) && l.contains(" - cgroup2 "))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount"))?;
+    let err = lb.attach_cgroup(&root).unwrap_err();
+    assert!(err.to_string().contains("root"), "{err}");
+    let dir = root.join(format!("fl-{}", unique_instance()));
+    std::fs::create_dir(&dir)?;
+    let result = lb.attach_cgroup(&dir);
+    let links = lb.pin_dir().join("links");
+    let pinned = std::fs::read_dir(&links)?.count();
+    drop(lb);
+    let removed = std::fs::remove_dir(&dir);
+    let err_chain = result.as_ref().err().map(|e| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(x) = src {
+            s += &format!(": {x}");
+            src = x.source();
+        }
+        s
+    });
+    assert!(result.is_ok(), "{err_chain:?}");
+    assert_eq!(pinned, 6, "six socket hooks pinned");
+    removed?;
+    Ok(())
+}

@@ -31,7 +31,7 @@ use aya_ebpf::{
         bpf_skb_change_tail,
     },
     macros::{cgroup_sock_addr, classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, TcContext},
     EbpfContext,
 };
@@ -44,6 +44,7 @@ const _: () = assert!(str_eq("fl_lb_ct_v1", MAP_CT));
 const _: () = assert!(str_eq("fl_lb_aff_v1", MAP_AFFINITY));
 const _: () = assert!(str_eq("fl_lb_skrev_v1", MAP_SOCK_REV));
 const _: () = assert!(str_eq("fl_lb_stats_v1", MAP_STATS));
+const _: () = assert!(str_eq("fl_lb_node_v1", MAP_NODE));
 
 #[map(name = "fl_lb_svc_v1")]
 static SVC: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(MAX_SVC_ENTRIES, 0);
@@ -61,6 +62,8 @@ static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(MAX_SOCK_REV, 0);
 #[map(name = "fl_lb_stats_v1")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+#[map(name = "fl_lb_node_v1")]
+static NODE: Array<[u32; 4]> = Array::with_max_entries(2, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -631,7 +634,14 @@ fn new_flow(
         count(Stat::Hairpin);
     } else if snat {
         flags |= CT_F_SNAT;
-        client_addr = p.daddr;
+        // This node's own address, where the backend's replies come back to. The
+        // frontend address is one only for NodePorts; an externalIP or LoadBalancer IP
+        // is routed to us but owned by no node.
+        let index = if p.v4 { NODE_ADDR_V4 } else { NODE_ADDR_V6 };
+        client_addr = match NODE.get(index) {
+            Some(a) if a[0] | a[1] | a[2] | a[3] != 0 => *a,
+            _ => p.daddr,
+        };
     }
     if svc.flags & SVC_F_NODE != 0 {
         flags |= CT_F_NODE;

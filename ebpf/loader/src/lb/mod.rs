@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
@@ -29,10 +29,10 @@ use aya::{
 };
 use fairlead_ebpf_common::lb::{
     AffinityKey, AffinityValue, Backend as BackendValue, CtKey, CtValue, MaglevTable, SockRevKey,
-    SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_MAGLEV,
-    MAP_SOCK_REV, MAP_STATS, MAP_SVC, PROG_CONNECT4, PROG_CONNECT6, PROG_FROM_NET, PROG_FROM_POD,
-    PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT,
-    STAT_NAMES,
+    SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_NODE,
+    MAP_SOCK_REV, MAP_STATS, MAP_SVC, NODE_ADDR_V4, NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_FROM_NET, PROG_FROM_POD, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
+    PROG_TO_POD, PROTO_UDP, STAT_COUNT, STAT_NAMES,
 };
 
 pub use fairlead_ebpf_common::lb::Scope;
@@ -91,6 +91,7 @@ pub struct KernelMaps {
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev: BpfHashMap<MapData, SockRevKey, SockRevValue>,
     stats: PerCpuArray<MapData, u64>,
+    node: Array<MapData, [u32; 4]>,
 }
 
 fn write_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -250,6 +251,9 @@ impl Lb {
         let stats = ebpf
             .take_map(MAP_STATS)
             .ok_or(Error::MapMissing { map: MAP_STATS })?;
+        let node = ebpf
+            .take_map(MAP_NODE)
+            .ok_or(Error::MapMissing { map: MAP_NODE })?;
         let maps = KernelMaps {
             svc: take_hash(&mut ebpf, MAP_SVC, &pin_dir)?,
             backends: take_hash(&mut ebpf, MAP_BACKENDS, &pin_dir)?,
@@ -259,6 +263,10 @@ impl Lb {
             sock_rev: take_hash(&mut ebpf, MAP_SOCK_REV, &pin_dir)?,
             stats: PerCpuArray::try_from(stats).map_err(|e| Error::PinnedMapMismatch {
                 path: pin_dir.join(MAP_STATS),
+                detail: e.to_string(),
+            })?,
+            node: Array::try_from(node).map_err(|e| Error::PinnedMapMismatch {
+                path: pin_dir.join(MAP_NODE),
                 detail: e.to_string(),
             })?,
         };
@@ -315,6 +323,22 @@ impl Lb {
 
     pub fn remove_service(&mut self, owner: &str) -> Result<ApplyReport, Error> {
         self.table.remove(&mut self.maps, owner)
+    }
+
+    /// This node's own addresses (one per family): the source of flows from outside that
+    /// are SNATed to a backend on another node.
+    pub fn set_node_addresses(&mut self, addrs: &[std::net::IpAddr]) -> Result<(), Error> {
+        for (index, v4) in [(NODE_ADDR_V4, true), (NODE_ADDR_V6, false)] {
+            let value = addrs
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .map_or([0; 4], |a| table::map_addr(*a));
+            self.maps
+                .node
+                .set(index, value, 0)
+                .map_err(write_err(MAP_NODE))?;
+        }
+        Ok(())
     }
 
     /// After the first full sync: removes adopted frontends nobody claimed.
@@ -460,8 +484,11 @@ impl Lb {
                 path: path.to_owned(),
                 source: Box::new(source),
             };
+            // `Single` is flags 0: aya attaches with BPF_LINK_CREATE here, and the kernel
+            // refuses any flag on a cgroup link (EINVAL); links always coexist with other
+            // programs on the cgroup, as BPF_F_ALLOW_MULTI would.
             let id = p
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
             let link = p.take_link(id).map_err(attach_err)?;
             let fd = FdLink::try_from(link).map_err(|e| Error::Pin {
@@ -561,6 +588,25 @@ impl Drop for Lb {
             tracing::warn!(instance = %self.instance, %error, "lb teardown incomplete");
         }
     }
+}
+
+/// Datapath counters of a running instance, read from its pinned map (another process owns
+/// the programs: the agent). For tests and diagnostics.
+pub fn pinned_stats(instance: &str) -> Result<Vec<Stat>, Error> {
+    validate_instance(instance)?;
+    let path = pin_dir(instance).join(MAP_STATS);
+    let data = MapData::from_pin(&path).map_err(read_err(MAP_STATS))?;
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(read_err(MAP_STATS))?;
+    (0..STAT_COUNT)
+        .map(|i| {
+            let values = map.get(&i, 0).map_err(read_err(MAP_STATS))?;
+            Ok(Stat {
+                name: STAT_NAMES[i as usize],
+                value: values.iter().sum(),
+            })
+        })
+        .collect()
 }
 
 /// Removes a load-balancing pin directory (links and maps). Missing is fine.
