@@ -41,7 +41,6 @@ use std::{
     fmt::Write as _,
     fs,
     io::Write as _,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Output, Stdio},
     sync::{
@@ -411,12 +410,13 @@ fn exec(node: &Netns, bin: &str, env: &[(&str, &str)], stdin: &[u8]) -> Result<(
     let mut child = command.spawn().with_context(|| format!("spawning {bin}"))?;
     // A pidfd of our own, unreaped child: waiting on it cannot be fooled by
     // pid reuse, and it lets us bound the wait without a thread.
-    let pidfd = pidfd_open(child.id()).with_context(|| format!("pidfd_open for {bin}"))?;
+    let pidfd = fairlead_testkit::process::pidfd_open(child.id())
+        .with_context(|| format!("pidfd_open for {bin}"))?;
     if let Some(mut pipe) = child.stdin.take() {
         // A plugin that does not read stdin (VERSION, `true`) closes it.
         let _ = pipe.write_all(stdin);
     }
-    if !wait_readable(&pidfd, CALL_TIMEOUT)? {
+    if !fairlead_testkit::process::wait_exit(&pidfd, CALL_TIMEOUT)? {
         // Still our unreaped child, so the pid is still its own.
         let _ = child.kill();
         let _ = child.wait();
@@ -424,42 +424,6 @@ fn exec(node: &Netns, bin: &str, env: &[(&str, &str)], stdin: &[u8]) -> Result<(
     }
     let output = child.wait_with_output()?;
     Ok((start.elapsed(), output))
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just returned to us and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Waits until the process behind `pidfd` exits; false on timeout.
-fn wait_readable(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut pollfd = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pollfd, 1, ms) };
-        match n {
-            1 => return Ok(true),
-            0 => return Ok(false),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e.into());
-                }
-            }
-        }
-    }
 }
 
 /// Runs `f(i)` for `i in 0..n`, each on its own thread, all released at

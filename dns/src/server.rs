@@ -322,11 +322,45 @@ impl Server {
     /// As [`Server::bind`], with the given upstream (tests put a fake one here).
     pub async fn bind_with_upstream(
         config: Config,
-        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Server, ServerError> {
-        let shared = Arc::new(Shared::new(&config, upstream)?);
         let (udp, tcp) = bind_pair(config.listen).await?;
+        Self::serve(config, snapshots, upstream, udp, tcp)
+    }
+
+    /// Serves on sockets the caller bound (e.g. inside another network namespace, as the
+    /// sandbox does for its DNS pod). Must run inside a Tokio runtime.
+    pub fn serve_sockets(
+        config: Config,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<Server, ServerError> {
+        let upstream = Arc::new(NetworkUpstream::new(
+            config.upstreams.clone(),
+            config.upstream_timeout(),
+        ));
+        let wrap = |transport, source| ServerError::Bind {
+            transport,
+            addr: config.listen,
+            source,
+        };
+        udp.set_nonblocking(true).map_err(|e| wrap("UDP", e))?;
+        tcp.set_nonblocking(true).map_err(|e| wrap("TCP", e))?;
+        let udp = UdpSocket::from_std(udp).map_err(|e| wrap("UDP", e))?;
+        let tcp = TcpListener::from_std(tcp).map_err(|e| wrap("TCP", e))?;
+        Self::serve(config, snapshots, upstream, udp, tcp)
+    }
+
+    fn serve(
+        config: Config,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        upstream: Arc<dyn Upstream>,
+        udp: UdpSocket,
+        tcp: TcpListener,
+    ) -> Result<Server, ServerError> {
+        let shared = Arc::new(Shared::new(&config, upstream)?);
         let udp_addr = udp.local_addr().map_err(|source| ServerError::Bind {
             transport: "UDP",
             addr: config.listen,

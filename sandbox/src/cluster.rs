@@ -110,6 +110,11 @@ impl Sandbox {
         for n in &topology.nodes {
             tryf!(api.create(n.manifest()));
         }
+        // Cluster DNS, as a cluster has it: the kube-dns Service at 10.96.0.10 (where every
+        // pod's resolv.conf points) in front of a DNS pod the kubelet runs `fairlead dns` in.
+        for obj in dns_objects(&topology) {
+            tryf!(api.create(obj));
+        }
         let client = tryf!(kube::Client::try_from(kube::Config::new(tryf!(api
             .url()
             .parse::<http::Uri>(
@@ -142,6 +147,7 @@ impl Sandbox {
                     client.clone(),
                 );
                 k.cgroup = crate::cgroup::node_dir(&config.name, &n.name);
+                k.snapshots = Some(cluster.subscribe());
                 k
             })
             .collect();
@@ -261,6 +267,38 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(self.config.state_dir.join("nodes"));
     }
 }
+
+/// The kube-dns Service and its one pod (on the first node).
+fn dns_objects(topology: &Topology) -> Vec<serde_json::Value> {
+    let (key, value) = crate::workload::DNS_LABEL;
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {key: value}},
+            "spec": {
+                "clusterIP": DNS_SERVICE_IP,
+                "selector": {key: value},
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                ],
+            },
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "fairlead-dns", "namespace": "kube-system", "labels": {key: value}},
+            "spec": {
+                "nodeName": topology.nodes[0].name,
+                "containers": [{"name": "dns", "image": "fairlead/dns",
+                    "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                              {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"}]}],
+            },
+        }),
+    ]
+}
+
+/// Where pods' resolv.conf sends queries.
+pub const DNS_SERVICE_IP: &str = "10.96.0.10";
 
 pub fn pod_reports(snap: &Snapshot) -> Vec<PodReport> {
     snap.pods()

@@ -50,6 +50,8 @@ pub struct Kubelet {
     node_ready: Option<bool>,
     /// The node's cgroup; each pod gets a child named like its namespace.
     pub cgroup: Option<PathBuf>,
+    /// Snapshots for pods that run the cluster DNS.
+    pub snapshots: Option<tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>>>,
 }
 
 /// The namespace a sandbox pod lives in.
@@ -98,6 +100,7 @@ impl Kubelet {
             agent_socket,
             node_ready: None,
             cgroup: None,
+            snapshots: None,
         }
     }
 
@@ -230,7 +233,7 @@ impl Kubelet {
     /// Brings the node's pods in line with the snapshot.
     pub async fn sync(&mut self, snap: &Snapshot) {
         self.sync_node().await;
-        let wanted: HashMap<String, (String, String)> = snap
+        let wanted: HashMap<String, (String, String, bool)> = snap
             .pods()
             .values()
             .filter(|p| {
@@ -238,7 +241,11 @@ impl Kubelet {
                     && !p.terminating
                     && !p.host_network
             })
-            .map(|p| (p.uid.clone(), (p.namespace.clone(), p.name.clone())))
+            .map(|p| {
+                let dns = p.labels.get(workload::DNS_LABEL.0).map(String::as_str)
+                    == Some(workload::DNS_LABEL.1);
+                (p.uid.clone(), (p.namespace.clone(), p.name.clone(), dns))
+            })
             .collect();
         let gone: Vec<String> = self
             .running
@@ -252,11 +259,11 @@ impl Kubelet {
             }
         }
         self.failures.retain(|uid, _| wanted.contains_key(uid));
-        for (uid, (namespace, name)) in wanted {
+        for (uid, (namespace, name, dns)) in wanted {
             if self.running.contains_key(&uid) {
                 continue;
             }
-            match self.setup(&uid, &namespace, &name).await {
+            match self.setup(&uid, &namespace, &name, dns).await {
                 Ok(p) => {
                     self.failures.remove(&uid);
                     self.running.insert(uid, p);
@@ -274,13 +281,14 @@ impl Kubelet {
         uid: &str,
         namespace: &str,
         name: &str,
+        dns: bool,
     ) -> Result<RunningPod, crate::Error> {
         let ns = pod_netns(&self.prefix, namespace, name);
         netns::create(&ns)?;
         // The pod's resolv.conf, used by `ip netns exec` (and so `sandbox exec`).
         let etc = PathBuf::from(format!("/etc/netns/{ns}"));
         let _ = std::fs::create_dir_all(&etc);
-        let _ = std::fs::write(etc.join("resolv.conf"), format!("nameserver 10.96.0.10\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"));
+        let _ = std::fs::write(etc.join("resolv.conf"), format!("nameserver {}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n", crate::cluster::DNS_SERVICE_IP));
         if let Some(cg) = &self.cgroup {
             let _ = std::fs::create_dir_all(cg.join(&ns));
         }
@@ -299,14 +307,15 @@ impl Kubelet {
             .flatten()
             .filter_map(|i| i["address"].as_str()?.split('/').next().map(String::from))
             .collect();
-        let workload = workload::start(
-            &ns,
-            Identity {
-                namespace: namespace.into(),
-                pod: name.into(),
-                node: self.node.clone(),
-            },
-        )?;
+        let id = Identity {
+            namespace: namespace.into(),
+            pod: name.into(),
+            node: self.node.clone(),
+        };
+        let workload = match (&self.snapshots, dns) {
+            (Some(snapshots), true) => workload::start_dns(&ns, id, snapshots.clone())?,
+            _ => workload::start(&ns, id)?,
+        };
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.client.clone(), namespace);
         let now = chrono_now();

@@ -25,6 +25,44 @@ pub struct Identity {
 /// Running workload; dropping it stops the servers and closes the sockets.
 pub struct Workload {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dns: Option<fairlead_dns::Server>,
+}
+
+/// Pods with this label (`k8s-app: kube-dns`, as CoreDNS's) run the cluster DNS instead of
+/// the echo servers.
+pub const DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+pub const DNS_PORT: u16 = 53;
+
+/// Runs `fairlead dns` in pod namespace `ns`: UDP and TCP port 53 bound inside the pod,
+/// answering from the sandbox's snapshots. No upstream: the sandbox has no internet, so
+/// names outside the cluster zone get SERVFAIL.
+pub fn start_dns(
+    ns: &str,
+    id: Identity,
+    snapshots: tokio::sync::watch::Receiver<Arc<fairlead_core::Snapshot>>,
+) -> Result<Workload, crate::Error> {
+    let fail = |e| crate::Error::Workload {
+        pod: id.pod.clone(),
+        source: e,
+    };
+    let (udp, tcp) = netns::run_in(ns, || -> std::io::Result<_> {
+        Ok((
+            std::net::UdpSocket::bind(any(DNS_PORT))?,
+            std::net::TcpListener::bind(any(DNS_PORT))?,
+        ))
+    })?
+    .map_err(fail)?;
+    let config = fairlead_dns::Config {
+        listen: any(DNS_PORT),
+        udp_workers: 1,
+        ..Default::default()
+    };
+    let server = fairlead_dns::Server::serve_sockets(config, snapshots, udp, tcp)
+        .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    Ok(Workload {
+        tasks: Vec::new(),
+        _dns: Some(server),
+    })
 }
 
 impl Drop for Workload {
@@ -132,5 +170,5 @@ pub fn start(ns: &str, id: Identity) -> Result<Workload, crate::Error> {
             let _ = udp.send_to(&reply, peer).await;
         }
     }));
-    Ok(Workload { tasks })
+    Ok(Workload { tasks, _dns: None })
 }

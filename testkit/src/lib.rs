@@ -16,11 +16,12 @@ mod cgroup;
 mod mountns;
 mod netns;
 pub mod packet;
+pub mod process;
 
 pub use cgroup::{cgroup_mounts, sweep_stale_cgroups, CgroupTree};
 pub use mountns::PrivateMounts;
 
 pub use netns::{
-    require_root, sweep_stale, unique_instance, Netns, SweepReport, TestkitError, Veth,
+    command_in, require_root, sweep_stale, unique_instance, Netns, SweepReport, TestkitError, Veth,
     NETNS_PREFIX, PIN_INSTANCE_PREFIX,
 };

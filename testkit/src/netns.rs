@@ -252,24 +252,17 @@ impl Netns {
     /// [`Netns::exec`] no `ip` process or mount namespace is involved. Set
     /// env, stdin and args on it as usual.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command, TestkitError> {
-        use std::os::unix::process::CommandExt;
-        let file = File::open(self.path()).map_err(|source| TestkitError::Enter {
+        command_in(
+            File::open(self.path()).map_err(|source| TestkitError::Enter {
+                netns: self.name.clone(),
+                source,
+            })?,
+            program,
+        )
+        .map_err(|source| TestkitError::Enter {
             netns: self.name.clone(),
             source,
-        })?;
-        let mut command = Command::new(program);
-        // SAFETY: the hook runs in the forked child before exec and only
-        // calls setns(2), which is async-signal-safe; `file` (O_CLOEXEC) is
-        // owned by the closure, so the fd is open for as long as the Command.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(command)
+        })
     }
 
     /// Names of the links in this namespace (`ip -o link show`, without the
@@ -404,6 +397,32 @@ fn describe(command: &Command) -> String {
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A [`Command`] for `program` whose child enters the network namespace open as `netns`
+/// between fork and exec. Refuses the root namespace.
+pub fn command_in(netns: File, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let (dev, ino) = fairlead_netns::fd_id(std::os::fd::AsFd::as_fd(&netns))?;
+    if fairlead_netns::is_root(dev, ino)? {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "refusing to run a command in the root network namespace",
+        ));
+    }
+    let mut command = Command::new(program);
+    // SAFETY: the hook runs in the forked child before exec and only
+    // calls setns(2), which is async-signal-safe; `netns` (O_CLOEXEC) is
+    // owned by the closure, so the fd is open for as long as the Command.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
 }
 
 #[cfg(test)]

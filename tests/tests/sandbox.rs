@@ -89,10 +89,14 @@ async fn pods_reach_each_other(name: &str, routing: RoutingMode) {
         for (what, r) in sandbox.apply(&dir).unwrap() {
             r.unwrap_or_else(|e| panic!("{what}: {e}"));
         }
-        let pods = sandbox
-            .wait_for_pods(4, Duration::from_secs(60))
+        // The sandbox's own DNS pod (kube-system) runs too; this test is about `app`.
+        let pods: Vec<_> = sandbox
+            .wait_for_pods(5, Duration::from_secs(60))
             .await
-            .expect("pods running");
+            .expect("pods running")
+            .into_iter()
+            .filter(|p| p.namespace == "app")
+            .collect();
         assert_eq!(pods.len(), 4);
         let nodes: std::collections::BTreeSet<_> =
             pods.iter().filter_map(|p| p.node.clone()).collect();

@@ -328,7 +328,7 @@ async fn wait_for_endpoints(sandbox: &Sandbox, n: usize) {
 async fn start(sandbox: &Sandbox, name: &str) -> String {
     apply(sandbox, "base", &base_manifest()).await;
     sandbox
-        .wait_for_pods(6, Duration::from_secs(60))
+        .wait_for_pods(7, Duration::from_secs(60))
         .await
         .expect("pods running");
     Topology::prefix(name)
@@ -449,6 +449,33 @@ async fn clusterip_nodeport_affinity_hairpin_and_rejects() {
             let after = fairlead_ebpf::lb::pinned_stats(&instance).unwrap();
             assert!(count(&after, "sock_translated") >= count(&before, "sock_translated") + 2);
             assert!(count(&after, "sock_refused") > count(&before, "sock_refused"));
+
+            // Transparent discovery: curl in a pod resolves Service names through the
+            // pod's resolv.conf (search path, ndots 5) and the cluster DNS behind the
+            // kube-dns ClusterIP, itself load-balanced by the datapath.
+            for url in [
+                "http://web/",
+                "http://web.lb/",
+                "http://web.lb.svc.cluster.local./",
+            ] {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &pod_ns("client-2"),
+                        "curl",
+                        "-s",
+                        "--max-time",
+                        "5",
+                        url,
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    String::from_utf8_lossy(&out.stdout).starts_with("pod=web-"),
+                    "curl {url} from client-2: {out:?}"
+                );
+            }
 
             // NodePort from outside: any backend via either node; with
             // externalTrafficPolicy Local only that node's backends, and the client's own
@@ -581,7 +608,7 @@ async fn scaling_and_agent_restart_lose_no_connection() {
             // Scale up: web-5 joins and gets traffic.
             apply(sandbox, "up", &pod("web-5", "web", "node-2")).await;
             sandbox
-                .wait_for_pods(6, Duration::from_secs(30))
+                .wait_for_pods(7, Duration::from_secs(30))
                 .await
                 .unwrap();
             wait_for("web-5 to get traffic", Duration::from_secs(20), || {

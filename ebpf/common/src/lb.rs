@@ -330,9 +330,12 @@ pub enum Stat {
     Hairpin = 10,
     /// FIB lookup for a node-sourced reply failed; dropped.
     FibFailed = 11,
+    /// A new direct connection reused the 4-tuple of a closed Service flow; the old
+    /// flow's reply entry was removed.
+    StaleReplyDropped = 12,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "new_flow",
@@ -347,6 +350,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "backend_missing",
     "hairpin",
     "fib_failed",
+    "stale_reply_dropped",
 ];
 
 /// `addr` of an IPv4 address (network-order bytes) as stored in the maps.

@@ -474,3 +474,38 @@ fn socket_lb_attaches_to_a_cgroup_it_is_given_and_refuses_a_root() -> anyhow::Re
     removed?;
     Ok(())
 }
+
+#[test]
+fn a_direct_connection_reusing_a_closed_service_flows_tuple_is_not_translated() -> anyhow::Result<()>
+{
+    let mut lb = load()?;
+    lb.set_service(
+        "default/web",
+        vec![frontend("10.96.0.20:80", Proto::Tcp, &["10.244.1.5:8080"])],
+    )?;
+    let (client, vip, backend) = (
+        sa("10.244.1.9:40000"),
+        sa("10.96.0.20:80"),
+        sa("10.244.1.5:8080"),
+    );
+    run(&lb, PROG_FROM_POD, &Packet::tcp(client, vip, TCP_SYN))?;
+    run(
+        &lb,
+        PROG_FROM_POD,
+        &Packet::tcp(client, vip, TCP_RST | TCP_ACK),
+    )?;
+    // Same source port, now straight to the backend.
+    let (rc, out) = run(&lb, PROG_FROM_POD, &Packet::tcp(client, backend, TCP_SYN))?;
+    assert_eq!((rc, out.dst), (TC_ACT_OK, backend));
+    let (_, reply) = run(
+        &lb,
+        PROG_TO_POD,
+        &Packet::tcp(backend, client, TCP_SYN | TCP_ACK),
+    )?;
+    assert_eq!(
+        reply.src, backend,
+        "the direct connection's reply is left alone"
+    );
+    assert_eq!(lb.stat("stale_reply_dropped")?, 1);
+    Ok(())
+}

@@ -369,6 +369,9 @@ fn handle(ctx: &TcContext, p: &Pkt, hook: Hook) -> Result<i32, ()> {
             }
             return new_flow(ctx, p, &skey, &svc, hook, now);
         }
+        if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            forget_stale_reply(p);
+        }
     }
     let rkey = p.key(CT_REPLY);
     if let Some(ct) = CT.get_ptr_mut(&rkey) {
@@ -384,6 +387,26 @@ fn handle(ctx: &TcContext, p: &Pkt, hook: Hook) -> Result<i32, ()> {
         }
     }
     Ok(TC_ACT_OK as i32)
+}
+
+/// A SYN that is not for a Service opens a new connection on its 4-tuple. If a closed
+/// Service flow left a reply entry for exactly this tuple (the client reused its source
+/// port, now talking to the backend directly), that entry would rewrite the new
+/// connection's replies to come from the Service: it is stale, so it goes.
+#[inline(always)]
+fn forget_stale_reply(p: &Pkt) {
+    let stale = CtKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    if CT.remove(&stale).is_ok() {
+        count(Stat::StaleReplyDropped);
+    }
 }
 
 /// First reply of a flow: the forward entry learns that the flow is
