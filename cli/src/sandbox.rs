@@ -255,7 +255,8 @@ fn print_report(state: &Value) {
             p["ips"]
         );
     }
-    println!("  not yet running here: Service load balancing, DNS, NetworkPolicy, proxies (later issues)");
+    println!("  running: Service load balancing in eBPF on every node, cluster DNS at 10.96.0.10");
+    println!("  not yet running here: NetworkPolicy, proxies (later issues)");
 }
 
 /// The `fairlead-cni` binary: next to this executable (cargo puts both in
