@@ -324,6 +324,118 @@ async fn wait_for_endpoints(sandbox: &Sandbox, n: usize) {
     .await;
 }
 
+/// A UDP socket connected to `vip` inside `ns` whose datagrams reach `backend` (new sockets
+/// until one does; the tc path picks per flow).
+fn udp_socket_on(ns: &str, vip: SocketAddr, backend: &str) -> UdpSocket {
+    for _ in 0..200 {
+        let s = netns::run_in(ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(vip).unwrap();
+            s
+        })
+        .unwrap();
+        if udp_ask(&s).is_some_and(|a| a.starts_with(backend)) {
+            return s;
+        }
+    }
+    panic!("no UDP flow to {vip} reached {backend}");
+}
+
+/// One datagram out and its answer (`<pod>: <payload>`), a few tries.
+fn udp_ask(s: &UdpSocket) -> Option<String> {
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..10 {
+        s.send(b"q").ok()?;
+        let mut buf = [0u8; 256];
+        if let Ok(n) = s.recv(&mut buf) {
+            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    None
+}
+
+/// A python3 process in a pod's cgroup (so socket-level balancing applies) with one
+/// unconnected UDP socket stuck to web-4, then asking every 50 ms and printing who answered
+/// and from where. Bounded: it exits after 20 s; dropping the watcher kills it.
+struct UdpWatcher {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+const UDP_WATCHER: &str = r#"
+import socket, sys, time
+vip = (sys.argv[1], int(sys.argv[2]))
+for _ in range(400):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    s.sendto(b"q", vip)
+    try:
+        data, src = s.recvfrom(256)
+    except socket.timeout:
+        s.close(); continue
+    if data.startswith(b"web-4"):
+        break
+    s.close()
+print("stuck", data.split(b":")[0].decode(), src[0], src[1], flush=True)
+end = time.time() + 20
+while time.time() < end:
+    try:
+        s.sendto(b"q", vip)
+        data, src = s.recvfrom(256)
+        print(data.split(b":")[0].decode(), src[0], src[1], flush=True)
+    except socket.timeout:
+        print("timeout", flush=True)
+    time.sleep(0.05)
+"#;
+
+impl UdpWatcher {
+    fn start(ns: &str, cg: &std::path::Path, vip: SocketAddr) -> UdpWatcher {
+        use std::os::unix::process::CommandExt;
+        let cg = cg.to_owned();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "python3", "-c", UDP_WATCHER])
+            .arg(vip.ip().to_string())
+            .arg(vip.port().to_string())
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: the hook only writes one file between fork and exec.
+        unsafe { cmd.pre_exec(move || cgroup::join(&cg)) };
+        let mut child = cmd.spawn().expect("python3 runs");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let want = format!("stuck web-4 {} {}", vip.ip(), vip.port());
+        assert_eq!(
+            first, want,
+            "the socket reached web-4, answered from the Service address"
+        );
+        UdpWatcher { child, lines }
+    }
+
+    /// Reads answers until one comes from another backend (and from the Service address);
+    /// at most a second of timeouts and web-4 answers after the backend left.
+    fn expect_moved_off(&mut self, gone: &str) {
+        let mut misses = Vec::new();
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            let who = line.split_whitespace().next().unwrap_or("");
+            if who != gone && who != "timeout" {
+                return;
+            }
+            misses.push(line);
+            assert!(misses.len() < 20, "the socket stayed on {gone}: {misses:?}");
+        }
+        panic!("the UDP watcher ended before reaching another backend: {misses:?}");
+    }
+}
+
+impl Drop for UdpWatcher {
+    fn drop(&mut self) {
+        // Our own child, not yet reaped: its pid is still its own.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Applies the Services and pods and waits for them; the sandbox's namespace prefix.
 async fn start(sandbox: &Sandbox, name: &str) -> String {
     apply(sandbox, "base", &base_manifest()).await;
@@ -589,12 +701,24 @@ async fn scaling_and_agent_restart_lose_no_connection() {
                 }
             };
 
+            // UDP "flows" to web-4 that must not outlive it (kube-proxy's stale-conntrack
+            // bug black-holes DNS exactly so): a connected socket of this test (tc path,
+            // conntrack) and an unconnected one in a process in the pod's cgroup
+            // (socket-LB, sticky per socket).
+            let dns = SocketAddr::new(vip(sandbox, "web", true), 53);
+            let connected = udp_socket_on(&client, dns, "web-4");
+            let cg = cgroup::find_pod(name, &client).expect("pod cgroup");
+            let mut watcher = UdpWatcher::start(&client, &cg, dns);
+
             // Scale down: web-4 leaves; once its endpoint is gone no request goes there.
             let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
                 kube::Api::namespaced(sandbox.client.clone(), "lb");
             pods.delete("web-4", &Default::default()).await.unwrap();
             wait_for_endpoints(sandbox, 6).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
+            let answer = udp_ask(&connected).expect("the connected UDP socket gets an answer");
+            assert!(!answer.starts_with("web-4"), "{answer}");
+            watcher.expect_moved_off("web-4");
             // Requests that raced web-4's teardown may have failed (the pod was gone before
             // its endpoint update reached the maps); from here on nothing may fail.
             let settled = failures.lock().unwrap().len();

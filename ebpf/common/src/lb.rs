@@ -24,6 +24,8 @@
 //!   flow ([`CtKey`] -> [`CtValue`]), LRU.
 //! - [`MAP_AFFINITY`]: sessionAffinity ClientIP (client, Service) -> backend.
 //! - [`MAP_SOCK_REV`]: socket-LB reverse translation for UDP replies.
+//! - [`MAP_SOCK_FWD`]: socket-LB UDP stickiness: (socket, frontend) -> the
+//!   backend its datagrams go to, deleted with the backend.
 //! - [`MAP_STATS`]: per-CPU counters by [`Stat`].
 //! - [`MAP_NODE`]: this node's own addresses ([`NODE_ADDR_V4`], [`NODE_ADDR_V6`]), the
 //!   source of flows SNATed to a backend on another node (the frontend address itself may
@@ -39,10 +41,12 @@ pub const MAP_AFFINITY: &str = "fl_lb_aff_v1";
 pub const MAP_SOCK_REV: &str = "fl_lb_skrev_v1";
 pub const MAP_STATS: &str = "fl_lb_stats_v1";
 pub const MAP_NODE: &str = "fl_lb_node_v1";
+pub const MAP_SOCK_FWD: &str = "fl_lb_skfwd_v1";
 
 /// Every map, for pinning and teardown.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 9] = [
     MAP_NODE,
+    MAP_SOCK_FWD,
     MAP_SVC,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -302,6 +306,18 @@ pub struct SockRevValue {
 
 const _: () = assert!(size_of::<SockRevValue>() == 20);
 
+/// Value of [`MAP_SOCK_FWD`] (keyed by [`SockRevKey`] with the frontend's
+/// address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockFwdValue {
+    pub backend: u32,
+    /// Frontend id, so a recycled frontend never inherits a mapping.
+    pub svc: u32,
+}
+
+const _: () = assert!(size_of::<SockFwdValue>() == 8);
+
 /// Counters in [`MAP_STATS`] (a per-CPU array indexed by these).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,4 +418,6 @@ mod user {
     unsafe impl aya::Pod for SockRevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockFwdValue {}
 }

@@ -45,6 +45,7 @@ const _: () = assert!(str_eq("fl_lb_aff_v1", MAP_AFFINITY));
 const _: () = assert!(str_eq("fl_lb_skrev_v1", MAP_SOCK_REV));
 const _: () = assert!(str_eq("fl_lb_stats_v1", MAP_STATS));
 const _: () = assert!(str_eq("fl_lb_node_v1", MAP_NODE));
+const _: () = assert!(str_eq("fl_lb_skfwd_v1", MAP_SOCK_FWD));
 
 #[map(name = "fl_lb_svc_v1")]
 static SVC: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(MAX_SVC_ENTRIES, 0);
@@ -59,6 +60,9 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(MAX_AFFINITY, 0);
 #[map(name = "fl_lb_skrev_v1")]
 static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(MAX_SOCK_REV, 0);
+#[map(name = "fl_lb_skfwd_v1")]
+static SOCK_FWD: LruHashMap<SockRevKey, SockFwdValue> =
     LruHashMap::with_max_entries(MAX_SOCK_REV, 0);
 #[map(name = "fl_lb_stats_v1")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -75,7 +79,6 @@ const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const ECONNREFUSED: i32 = 111;
-const SOCK_DGRAM: u32 = 2;
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -915,13 +918,24 @@ fn set_user_addr(sa: *mut bpf_sock_addr, v4: bool, addr: &[u32; 4], port: u16) {
 
 /// Returns 1 (allow) after pointing the socket at a backend, or 0 with
 /// ECONNREFUSED when the Service has no backends.
+///
+/// TCP is translated at `connect()`, once per connection. UDP is translated
+/// only per datagram at `sendmsg()` on an unconnected socket, sticking to one
+/// backend per (socket, frontend) while that backend stays in the Service: a
+/// connected UDP socket would keep the backend it was connected to after the
+/// backend is gone (the stale-conntrack black hole in another form), so
+/// `connect()` on UDP is left to the tc path, whose conntrack entries are
+/// flushed when a backend leaves.
 #[inline(always)]
 fn sock_translate(ctx: &SockAddrContext, v4: bool, hook: SockHook) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: plain reads of the valid context.
-    let (proto, sock_type, port) =
-        unsafe { ((*sa).protocol as u8, (*sa).type_, (*sa).user_port as u16) };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    let (proto, port) = unsafe { ((*sa).protocol as u8, (*sa).user_port as u16) };
+    let wanted = match hook {
+        SockHook::Connect => proto == PROTO_TCP,
+        SockHook::Sendmsg => proto == PROTO_UDP,
+    };
+    if !wanted {
         return 1;
     }
     let addr = user_addr(sa, v4);
@@ -952,15 +966,40 @@ fn sock_translate(ctx: &SockAddrContext, v4: bool, hook: SockHook) -> i32 {
             bpf_get_netns_cookie(ctx.as_ptr()),
         )
     };
-    let client = [NETNS_CLIENT, 0, netns as u32, (netns >> 32) as u32];
-    let hash = finish(mix(mix(cookie as u32, (cookie >> 32) as u32), addr[3]));
-    let Some(id) = select(&skey, &svc, &client, hash, now_ns()) else {
-        count(Stat::BackendMissing);
-        return 1;
+    let fwd_key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let now = now_ns();
+    // UDP: the backend this socket used for this frontend, while it serves.
+    let sticky = if hook == SockHook::Sendmsg {
+        // SAFETY: copied out at once.
+        unsafe { SOCK_FWD.get(&fwd_key) }
+            .copied()
+            .filter(|f| f.svc == svc.id)
+            .map(|f| f.backend)
+    } else {
+        None
+    };
+    let id = match sticky {
+        Some(id) => id,
+        None => {
+            let client = [NETNS_CLIENT, 0, netns as u32, (netns >> 32) as u32];
+            let hash = finish(mix(mix(cookie as u32, (cookie >> 32) as u32), addr[3]));
+            let Some(id) = select(&skey, &svc, &client, hash, now) else {
+                count(Stat::BackendMissing);
+                return 1;
+            };
+            id
+        }
     };
     // SAFETY: copied out at once.
     let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
         count(Stat::BackendMissing);
+        let _ = SOCK_FWD.remove(&fwd_key);
         return 1;
     };
     // A v4 socket cannot take a v6 backend (userspace never mixes families
@@ -969,7 +1008,14 @@ fn sock_translate(ctx: &SockAddrContext, v4: bool, hook: SockHook) -> i32 {
         return 1;
     }
     set_user_addr(sa, v4, &be.addr, be.port);
-    if sock_type == SOCK_DGRAM || hook == SockHook::Sendmsg {
+    if hook == SockHook::Sendmsg {
+        if sticky.is_none() {
+            let fwd = SockFwdValue {
+                backend: id,
+                svc: svc.id,
+            };
+            let _ = SOCK_FWD.insert(&fwd_key, &fwd, 0);
+        }
         let key = SockRevKey {
             cookie,
             addr: be.addr,

@@ -28,11 +28,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use fairlead_ebpf_common::lb::{
-    AffinityKey, AffinityValue, Backend as BackendValue, CtKey, CtValue, MaglevTable, SockRevKey,
-    SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_NODE,
-    MAP_SOCK_REV, MAP_STATS, MAP_SVC, NODE_ADDR_V4, NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_FROM_NET, PROG_FROM_POD, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_TO_POD, PROTO_UDP, STAT_COUNT, STAT_NAMES,
+    AffinityKey, AffinityValue, Backend as BackendValue, CtKey, CtValue, MaglevTable, SockFwdValue,
+    SockRevKey, SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT,
+    MAP_MAGLEV, MAP_NODE, MAP_SOCK_FWD, MAP_SOCK_REV, MAP_STATS, MAP_SVC, NODE_ADDR_V4,
+    NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6, PROG_FROM_NET, PROG_FROM_POD, PROG_RECVMSG4,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT, STAT_NAMES,
 };
 
 pub use fairlead_ebpf_common::lb::Scope;
@@ -90,6 +90,7 @@ pub struct KernelMaps {
     ct: BpfHashMap<MapData, CtKey, CtValue>,
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev: BpfHashMap<MapData, SockRevKey, SockRevValue>,
+    sock_fwd: BpfHashMap<MapData, SockRevKey, SockFwdValue>,
     stats: PerCpuArray<MapData, u64>,
     node: Array<MapData, [u32; 4]>,
 }
@@ -152,7 +153,18 @@ impl LbMaps for KernelMaps {
         for key in &doomed {
             deleted(self.ct.remove(key), MAP_CT)?;
         }
-        Ok(doomed.len())
+        // Unconnected UDP sockets stuck to a departed backend pick again.
+        let stuck: Vec<SockRevKey> = self
+            .sock_fwd
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, v)| pairs.contains(&(v.svc, v.backend)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stuck {
+            deleted(self.sock_fwd.remove(key), MAP_SOCK_FWD)?;
+        }
+        Ok(doomed.len() + stuck.len())
     }
 }
 
@@ -261,6 +273,7 @@ impl Lb {
             ct: take_hash(&mut ebpf, MAP_CT, &pin_dir)?,
             affinity: take_hash(&mut ebpf, MAP_AFFINITY, &pin_dir)?,
             sock_rev: take_hash(&mut ebpf, MAP_SOCK_REV, &pin_dir)?,
+            sock_fwd: take_hash(&mut ebpf, MAP_SOCK_FWD, &pin_dir)?,
             stats: PerCpuArray::try_from(stats).map_err(|e| Error::PinnedMapMismatch {
                 path: pin_dir.join(MAP_STATS),
                 detail: e.to_string(),
