@@ -211,3 +211,71 @@ pub fn checksum(chunks: &[&[u8]]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An ICMP or ICMPv6 error, as [`parse_icmp_error`] checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub kind: u8,
+    pub code: u8,
+    /// The quoted packet (its IP header and what follows).
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an ICMP (IPv4) or ICMPv6 error frame, checking the IPv4 header
+/// checksum and the ICMP checksum (with the pseudo header for ICMPv6).
+pub fn parse_icmp_error(frame: &[u8]) -> Result<IcmpError, String> {
+    if frame.len() < 14 + 40 {
+        return Err(format!("frame of {} bytes is too short", frame.len()));
+    }
+    let mut dst_mac = [0; 6];
+    let mut src_mac = [0; 6];
+    dst_mac.copy_from_slice(&frame[0..6]);
+    src_mac.copy_from_slice(&frame[6..12]);
+    let ip = &frame[14..];
+    let (src, dst, icmp) = match u16::from_be_bytes([frame[12], frame[13]]) {
+        ETH_P_IPV4 => {
+            if checksum(&[&ip[..20]]) != 0 {
+                return Err("bad IPv4 header checksum".into());
+            }
+            if ip[9] != 1 {
+                return Err(format!("IPv4 protocol {} is not ICMP", ip[9]));
+            }
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let icmp = &ip[20..total.min(ip.len())];
+            if checksum(&[icmp]) != 0 {
+                return Err("bad ICMP checksum".into());
+            }
+            let s: [u8; 4] = ip[12..16].try_into().expect("4 bytes");
+            let d: [u8; 4] = ip[16..20].try_into().expect("4 bytes");
+            (IpAddr::from(s), IpAddr::from(d), icmp)
+        }
+        ETH_P_IPV6 => {
+            if ip[6] != 58 {
+                return Err(format!("IPv6 next header {} is not ICMPv6", ip[6]));
+            }
+            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let s: [u8; 16] = ip[8..24].try_into().expect("16 bytes");
+            let d: [u8; 16] = ip[24..40].try_into().expect("16 bytes");
+            let (src, dst) = (IpAddr::from(s), IpAddr::from(d));
+            let icmp = &ip[40..(40 + len).min(ip.len())];
+            if checksum(&[&pseudo(src, dst, 58, icmp.len()), icmp]) != 0 {
+                return Err("bad ICMPv6 checksum".into());
+            }
+            (src, dst, icmp)
+        }
+        other => return Err(format!("ethertype {other:#06x} is not IP")),
+    };
+    Ok(IcmpError {
+        src_mac,
+        dst_mac,
+        src,
+        dst,
+        kind: icmp[0],
+        code: icmp[1],
+        quoted: icmp[8..].to_vec(),
+    })
+}

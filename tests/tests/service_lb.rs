@@ -50,7 +50,9 @@ kind: Service
 metadata: {name: empty, namespace: lb}
 spec:
   selector: {app: nothing}
-  ports: [{port: 80, targetPort: 8080}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP}
 ---
 apiVersion: v1
 kind: Service
@@ -507,6 +509,24 @@ async fn clusterip_nodeport_affinity_hairpin_and_rejects() {
                 "took {:?}",
                 started.elapsed()
             );
+            // And over UDP: ICMP port unreachable, so a connected socket fails at once.
+            let empty_dns = SocketAddr::new(vip(sandbox, "empty", true), 53);
+            let refused = netns::run_in(&pod_ns("client-1"), move || {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.connect(empty_dns).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.send(b"q").unwrap();
+                let started = Instant::now();
+                let err = s.recv(&mut [0u8; 64]).unwrap_err();
+                (err.kind(), started.elapsed())
+            })
+            .unwrap();
+            assert_eq!(
+                refused.0,
+                std::io::ErrorKind::ConnectionRefused,
+                "{refused:?}"
+            );
+            assert!(refused.1 < Duration::from_millis(500), "{refused:?}");
 
             // Hairpin: a backend reaching its own Service, sometimes itself.
             let addr = SocketAddr::new(vip(sandbox, "web", true), 80);

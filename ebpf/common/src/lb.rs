@@ -330,7 +330,7 @@ pub enum Stat {
     Reply = 2,
     /// TCP SYN to a Service with no backends, answered with a reset.
     NoBackendReset = 3,
-    /// Other packet to a Service with no backends, dropped.
+    /// Other packet to a Service with no backends (not a SYN, not UDP), dropped.
     NoBackendDrop = 4,
     /// Socket-LB connect/sendmsg translated.
     SockTranslated = 5,
@@ -349,9 +349,11 @@ pub enum Stat {
     /// A new direct connection reused the 4-tuple of a closed Service flow; the old
     /// flow's reply entry was removed.
     StaleReplyDropped = 12,
+    /// UDP datagram to a Service with no backends, answered ICMP port unreachable.
+    NoBackendUnreachable = 13,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "new_flow",
@@ -367,6 +369,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "hairpin",
     "fib_failed",
     "stale_reply_dropped",
+    "no_backend_unreachable",
 ];
 
 /// `addr` of an IPv4 address (network-order bytes) as stored in the maps.

@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::SocketAddr};
 use fairlead_ebpf::lb::{BackendAddr, Frontend, FrontendKey, Lb, Persistence, Proto, Scope};
 use fairlead_ebpf_common::lb::{PROG_FROM_POD, PROG_TO_POD};
 use fairlead_testkit::{
-    packet::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    packet::{parse_icmp_error, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     require_root, unique_instance,
 };
 
@@ -148,7 +148,7 @@ fn udp_translates_and_stale_flows_are_flushed_when_the_backend_goes() -> anyhow:
 }
 
 #[test]
-fn service_without_backends_resets_syn_and_drops_udp() -> anyhow::Result<()> {
+fn service_without_backends_resets_syn_and_answers_udp_unreachable() -> anyhow::Result<()> {
     let mut lb = load()?;
     lb.set_service(
         "default/empty",
@@ -156,6 +156,7 @@ fn service_without_backends_resets_syn_and_drops_udp() -> anyhow::Result<()> {
             frontend("10.96.0.30:80", Proto::Tcp, &[]),
             frontend("[fd00:10:96::30]:80", Proto::Tcp, &[]),
             frontend("10.96.0.30:53", Proto::Udp, &[]),
+            frontend("[fd00:10:96::30]:53", Proto::Udp, &[]),
         ],
     )?;
     for (client, vip) in [
@@ -173,14 +174,40 @@ fn service_without_backends_resets_syn_and_drops_udp() -> anyhow::Result<()> {
         assert_eq!(rst.dst_mac, syn.src_mac, "addressed to the pod");
         assert_eq!(rst.src_mac, syn.dst_mac);
     }
+    // UDP: ICMP port unreachable quoting the datagram, back to the pod.
+    for (client, vip, kind, code) in [
+        ("10.244.1.9:5000", "10.96.0.30:53", 3, 3),
+        ("[fd00:10:244:1::9]:5000", "[fd00:10:96::30]:53", 1, 4),
+    ] {
+        let q = Packet::udp(
+            sa(client),
+            sa(vip),
+            b"a query that is longer than eight bytes",
+        );
+        let frame = q.build();
+        let out = lb.test_run(PROG_FROM_POD, &frame)?;
+        assert_eq!(out.return_value, TC_ACT_REDIRECT);
+        let icmp = parse_icmp_error(&out.data).map_err(anyhow::Error::msg)?;
+        assert_eq!((icmp.kind, icmp.code), (kind, code), "port unreachable");
+        assert_eq!((icmp.src, icmp.dst), (sa(vip).ip(), sa(client).ip()));
+        assert_eq!(icmp.dst_mac, q.src_mac, "addressed to the pod");
+        let quoted_len = if sa(client).is_ipv4() { 28 } else { 48 };
+        assert_eq!(
+            icmp.quoted,
+            frame[14..14 + quoted_len],
+            "the datagram's headers quoted"
+        );
+    }
+    assert_eq!(lb.stat("no_backend_reset")?, 2);
+    // A stray segment of no connection (not a SYN): dropped silently.
     let (rc, _) = run(
         &lb,
         PROG_FROM_POD,
-        &Packet::udp(sa("10.244.1.9:5000"), sa("10.96.0.30:53"), b"q"),
+        &Packet::tcp(sa("10.244.1.9:40001"), sa("10.96.0.30:80"), TCP_ACK),
     )?;
     assert_eq!(rc, TC_ACT_SHOT);
-    assert_eq!(lb.stat("no_backend_reset")?, 2);
     assert_eq!(lb.stat("no_backend_drop")?, 1);
+    assert_eq!(lb.stat("no_backend_unreachable")?, 2);
     assert!(lb.conntrack()?.is_empty(), "rejections leave no state");
     Ok(())
 }

@@ -629,6 +629,10 @@ fn new_flow(
             count(Stat::NoBackendReset);
             return reset(ctx, p);
         }
+        if p.proto == PROTO_UDP {
+            count(Stat::NoBackendUnreachable);
+            return unreachable(ctx, p);
+        }
         count(Stat::NoBackendDrop);
         return Ok(TC_ACT_SHOT as i32);
     }
@@ -734,10 +738,10 @@ fn new_flow(
 
 /// One's-complement sum of 16-bit words (network order as stored).
 #[inline(always)]
-fn csum_add(sum: u32, words: &[u32; 4]) -> u32 {
+fn csum_add<const N: usize>(sum: u32, words: &[u32; N]) -> u32 {
     let mut s = sum;
     let mut i = 0;
-    while i < 4 {
+    while i < N {
         s += words[i] & 0xffff;
         s += words[i] >> 16;
         i += 1;
@@ -836,6 +840,97 @@ fn reset(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
         ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
     }
     ctx.store(ETH_HLEN + l3_len, &tcp, 0).map_err(|_| ())?;
+    bounce(ctx)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    csum: u16,
+    unused: u32,
+}
+
+/// Answers a UDP datagram to a Service without backends with ICMP port
+/// unreachable (ICMPv6 for IPv6), quoting the datagram's IP header and first
+/// 8 bytes as RFC 792/4443 ask, sent back out of the interface it came in on:
+/// a connected socket's next `recv` fails with ECONNREFUSED at once instead of
+/// waiting for its timeout (what kube-proxy's REJECT rule does).
+#[inline(always)]
+fn unreachable(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
+    let l3_len = if p.v4 { 20 } else { 40 };
+    if p.l4_off != ETH_HLEN + l3_len {
+        // IPv4 options: drop rather than quote a header of odd length.
+        return Ok(TC_ACT_SHOT as i32);
+    }
+    if p.v4 {
+        // Original IPv4 header and UDP header: 28 bytes.
+        let quote: [u32; 7] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+        let new_len = (ETH_HLEN + 20 + 8 + 28) as u32;
+        // SAFETY: the context pointer is valid; the helper resizes the packet.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, new_len, 0) } != 0 {
+            return Err(());
+        }
+        let mut icmp = IcmpHdr {
+            kind: 3, // destination unreachable
+            code: 3, // port unreachable
+            csum: 0,
+            unused: 0,
+        };
+        // SAFETY: IcmpHdr is 8 bytes of plain integers.
+        let w: [u32; 2] = unsafe { core::mem::transmute(icmp) };
+        icmp.csum = csum_fold(csum_add(csum_add(0, &w), &quote));
+        let mut ip = Ipv4Hdr {
+            ver_ihl: 0x45,
+            tos: 0xc0,
+            tot_len: ((20 + 8 + 28) as u16).to_be(),
+            id: 0,
+            frag: 0,
+            ttl: 64,
+            proto: 1,
+            csum: 0,
+            saddr: p.daddr[3],
+            daddr: p.saddr[3],
+        };
+        // SAFETY: Ipv4Hdr is 20 bytes of plain integers.
+        let w: [u32; 5] = unsafe { core::mem::transmute(ip) };
+        ip.csum = csum_fold(csum_add(0, &w));
+        ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+        ctx.store(ETH_HLEN + 20, &icmp, 0).map_err(|_| ())?;
+        ctx.store(ETH_HLEN + 28, &quote, 0).map_err(|_| ())?;
+    } else {
+        // Original IPv6 header and UDP header: 48 bytes.
+        let quote: [u32; 12] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+        let new_len = (ETH_HLEN + 40 + 8 + 48) as u32;
+        // SAFETY: as above.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, new_len, 0) } != 0 {
+            return Err(());
+        }
+        let mut icmp = IcmpHdr {
+            kind: 1, // destination unreachable
+            code: 4, // port unreachable
+            csum: 0,
+            unused: 0,
+        };
+        // Pseudo header: addresses, upper-layer length (56) and next header (58).
+        let mut sum = csum_add(csum_add(0, &p.saddr), &p.daddr);
+        sum += 56u16.to_be() as u32 + 58u16.to_be() as u32;
+        // SAFETY: IcmpHdr is 8 bytes of plain integers.
+        let w: [u32; 2] = unsafe { core::mem::transmute(icmp) };
+        icmp.csum = csum_fold(csum_add(csum_add(sum, &w), &quote));
+        let ip = Ipv6Hdr {
+            ver_flow: 0x6000_0000u32.to_be(),
+            payload_len: 56u16.to_be(),
+            next: 58,
+            hop: 64,
+            saddr: p.daddr,
+            daddr: p.saddr,
+        };
+        ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+        ctx.store(ETH_HLEN + 40, &icmp, 0).map_err(|_| ())?;
+        ctx.store(ETH_HLEN + 48, &quote, 0).map_err(|_| ())?;
+    }
     bounce(ctx)
 }
 
