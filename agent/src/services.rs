@@ -707,6 +707,40 @@ mod tests {
     }
 
     #[test]
+    fn load_balancer_ingress_ips_unless_the_balancer_proxies() {
+        let mut svc = service(&["10.96.0.20"], &[("", 443, Protocol::Tcp, Some(30443))]);
+        svc.service_type = ServiceType::LoadBalancer;
+        svc.load_balancer_ingress = vec![
+            fairlead_core::LoadBalancerIngress {
+                ip: "198.51.100.7".parse().unwrap(),
+                ip_mode: fairlead_core::IpMode::Vip,
+            },
+            fairlead_core::LoadBalancerIngress {
+                ip: "198.51.100.8".parse().unwrap(),
+                ip_mode: fairlead_core::IpMode::Proxy,
+            },
+        ];
+        let ports = [("", 8443, Protocol::Tcp)];
+        let slices = [slice(
+            "a",
+            true,
+            &[("10.244.2.6", "node-2", true, true, false)],
+            &ports,
+        )];
+        let (fes, skipped) = compile(&svc, &slices);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let lb = find(&fes, "198.51.100.7", 443, Scope::External);
+        assert_eq!(addrs(lb), ["10.244.2.6:8443"]);
+        assert!(lb.node, "answered by the node, replies leave through it");
+        find(&fes, "172.30.0.11", 30443, Scope::External);
+        let proxied: IpAddr = "198.51.100.8".parse().unwrap();
+        assert!(
+            fes.iter().all(|f| f.key.addr != proxied),
+            "ipMode Proxy: the load balancer rewrites, the node must not capture"
+        );
+    }
+
+    #[test]
     fn bad_services_are_skipped_with_reasons() {
         let outside = service(&["192.168.5.5"], &[("", 80, Protocol::Tcp, None)]);
         let (fes, skipped) = compile(&outside, &[]);

@@ -664,3 +664,238 @@ fn scope_of(raw: u8) -> Option<Scope> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The maps in memory, checking after every single write what the datapath could observe
+    /// at that instant: every master's slots exist and name existing backends, a Maglev
+    /// frontend's table names existing backends, and a frontend that had backends before the
+    /// call and has backends after it never shows zero in between.
+    #[derive(Default)]
+    struct Recorder {
+        svc: BTreeMap<SvcKey, SvcValue>,
+        backends: BTreeMap<u32, BackendValue>,
+        maglev: BTreeMap<u32, Vec<u32>>,
+        /// Masters that must not reach count 0 during the current call.
+        keep_nonzero: HashSet<SvcKey>,
+        ops: usize,
+    }
+
+    impl Recorder {
+        fn check(&self) {
+            for (k, v) in self.svc.iter().filter(|(k, _)| k.slot == 0) {
+                if self.keep_nonzero.contains(k) {
+                    assert!(v.count > 0, "{k:?} showed zero backends mid-update");
+                }
+                for slot in 1..=v.count {
+                    let s = self
+                        .svc
+                        .get(&SvcKey { slot, ..*k })
+                        .unwrap_or_else(|| panic!("{k:?}: slot {slot} of {} missing", v.count));
+                    assert!(
+                        self.backends.contains_key(&s.backend),
+                        "{k:?}: slot {slot} names missing backend {}",
+                        s.backend
+                    );
+                }
+                if v.flags & SVC_F_MAGLEV != 0 && v.count > 0 {
+                    let t = self
+                        .maglev
+                        .get(&v.id)
+                        .expect("maglev table before the count");
+                    assert!(t.iter().all(|b| self.backends.contains_key(b)));
+                }
+            }
+        }
+
+        fn op(&mut self) -> Result<(), Error> {
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+    }
+
+    impl LbMaps for Recorder {
+        fn put_svc(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), Error> {
+            self.svc.insert(*key, *value);
+            self.op()
+        }
+        fn del_svc(&mut self, key: &SvcKey) -> Result<(), Error> {
+            self.svc.remove(key);
+            self.op()
+        }
+        fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), Error> {
+            self.backends.insert(id, *backend);
+            self.op()
+        }
+        fn del_backend(&mut self, id: u32) -> Result<(), Error> {
+            self.backends.remove(&id);
+            self.op()
+        }
+        fn put_maglev(&mut self, id: u32, table: &MaglevTable) -> Result<(), Error> {
+            self.maglev.insert(id, table.to_vec());
+            self.op()
+        }
+        fn del_maglev(&mut self, id: u32) -> Result<(), Error> {
+            self.maglev.remove(&id);
+            self.op()
+        }
+        fn flush_udp(&mut self, _pairs: &HashSet<(u32, u32)>) -> Result<usize, Error> {
+            Ok(0)
+        }
+    }
+
+    fn key(i: u8) -> FrontendKey {
+        FrontendKey {
+            addr: IpAddr::from([10, 96, 0, i]),
+            port: 80,
+            proto: Proto::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
+    fn fe(i: u8, backends: &[u8], maglev: bool) -> Frontend {
+        Frontend {
+            key: key(i),
+            node: false,
+            local_policy: false,
+            affinity_timeout_s: None,
+            maglev,
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    addr: IpAddr::from([10, 244, 0, *b]),
+                    port: 8080,
+                    local: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets `owner` to `want`, telling the recorder which masters must stay non-zero.
+    fn set(t: &mut ServiceTable, m: &mut Recorder, owner: &str, want: Vec<Frontend>) {
+        m.keep_nonzero = want
+            .iter()
+            .filter(|f| !f.backends.is_empty())
+            .filter(|f| t.get(&f.key).is_some_and(|old| !old.backends.is_empty()))
+            .map(|f| svc_key(&f.key, 0))
+            .collect();
+        t.set(m, owner, want).unwrap();
+        m.keep_nonzero.clear();
+        m.check();
+    }
+
+    /// What the kernel should hold for `fes`, as (frontend, backend addresses per slot).
+    fn dump(m: &Recorder) -> BTreeMap<(SvcKey, u16), String> {
+        m.svc
+            .iter()
+            .map(|(k, v)| {
+                let what = if k.slot == 0 {
+                    format!("count {} flags {}", v.count, v.flags)
+                } else {
+                    format!("{:?}", m.backends[&v.backend].addr)
+                };
+                ((SvcKey { slot: 0, ..*k }, k.slot), what)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grow_shrink_replace_and_remove_never_expose_a_gap() {
+        let (mut t, mut m) = (ServiceTable::new(), Recorder::default());
+        set(&mut t, &mut m, "a", vec![fe(1, &[1, 2], false)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[1, 2, 3, 4], false)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[4], false)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[5, 6], false)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[5, 6], true)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[6, 7, 8], true)]);
+        set(&mut t, &mut m, "a", vec![fe(1, &[6], false)]);
+        assert!(m.maglev.is_empty(), "the table goes with the flag");
+        set(&mut t, &mut m, "a", vec![fe(1, &[], false)]);
+        assert_eq!(m.svc.len(), 1, "no backends: the master stays, count 0");
+        assert!(m.backends.is_empty(), "unreferenced backends are deleted");
+        t.remove(&mut m, "a").unwrap();
+        assert!(m.svc.is_empty() && m.backends.is_empty());
+    }
+
+    #[test]
+    fn shared_backends_live_while_any_frontend_names_them() {
+        let (mut t, mut m) = (ServiceTable::new(), Recorder::default());
+        set(&mut t, &mut m, "a", vec![fe(1, &[1, 2], false)]);
+        set(&mut t, &mut m, "b", vec![fe(2, &[2, 3], false)]);
+        assert_eq!(m.backends.len(), 3);
+        t.remove(&mut m, "a").unwrap();
+        m.check();
+        assert_eq!(m.backends.len(), 2, "backend 2 still serves b");
+        // Another owner may not take b's frontend.
+        let r = t.set(&mut m, "c", vec![fe(2, &[9], false)]).unwrap();
+        assert_eq!(r.conflicts.len(), 1);
+        assert_eq!(t.get(&key(2)).unwrap().backends.len(), 2);
+    }
+
+    #[test]
+    fn random_updates_keep_every_invariant_and_end_where_a_fresh_table_would() {
+        let (mut t, mut m) = (ServiceTable::new(), Recorder::default());
+        let mut want: BTreeMap<u8, Frontend> = BTreeMap::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..400 {
+            let i = next(12) as u8 + 1;
+            if next(8) == 0 {
+                want.remove(&i);
+                t.remove(&mut m, &format!("svc{i}")).unwrap();
+                m.check();
+                continue;
+            }
+            let n = next(5) as usize;
+            let mut backends: Vec<u8> = (0..n).map(|_| next(16) as u8 + 1).collect();
+            backends.sort_unstable();
+            backends.dedup();
+            let f = fe(i, &backends, next(3) == 0);
+            want.insert(i, f.clone());
+            set(&mut t, &mut m, &format!("svc{i}"), vec![f]);
+        }
+        let (mut fresh_t, mut fresh_m) = (ServiceTable::new(), Recorder::default());
+        for (i, f) in &want {
+            set(
+                &mut fresh_t,
+                &mut fresh_m,
+                &format!("svc{i}"),
+                vec![f.clone()],
+            );
+        }
+        assert_eq!(dump(&m), dump(&fresh_m));
+        assert_eq!(
+            m.backends.len(),
+            fresh_m.backends.len(),
+            "no leaked backend"
+        );
+        assert_eq!(
+            m.maglev.len(),
+            fresh_m.maglev.len(),
+            "no leaked Maglev table"
+        );
+    }
+
+    #[test]
+    fn one_changed_endpoint_costs_three_writes() {
+        let (mut t, mut m) = (ServiceTable::new(), Recorder::default());
+        set(&mut t, &mut m, "a", vec![fe(1, &[1, 2], false)]);
+        let before = m.ops;
+        set(&mut t, &mut m, "a", vec![fe(1, &[1, 3], false)]);
+        assert_eq!(
+            m.ops - before,
+            3,
+            "new backend, its slot, the old backend's delete"
+        );
+    }
+}
