@@ -210,6 +210,9 @@ impl AgentConfig {
             if let Some(v) = get(VAR_POD_CGROUP) {
                 lb.pod_cgroup = Some(v.into());
             }
+            if let Some(v) = get(VAR_NETWORK_POLICY) {
+                lb.network_policy = parse_bool(VAR_NETWORK_POLICY, &v)?;
+            }
             config.service_lb = Some(lb);
         }
         Ok(config)
@@ -235,6 +238,7 @@ const VAR_LB_INSTANCE: &str = "FAIRLEAD_AGENT_LB_INSTANCE";
 const VAR_LB_ALGORITHM: &str = "FAIRLEAD_AGENT_LB_ALGORITHM";
 const VAR_SERVICE_CIDRS: &str = "FAIRLEAD_AGENT_SERVICE_CIDRS";
 const VAR_POD_CGROUP: &str = "FAIRLEAD_AGENT_POD_CGROUP";
+const VAR_NETWORK_POLICY: &str = "FAIRLEAD_AGENT_NETWORK_POLICY";
 
 fn default_plugin() -> PathBuf {
     std::env::current_exe()

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fairlead_core::Snapshot;
+use std::net::IpAddr;
+
+use fairlead_core::{ObjectKey, Snapshot};
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use tracing::{debug, info, warn};
@@ -48,6 +50,8 @@ pub enum DatapathError {
 #[derive(Clone)]
 pub struct Datapath {
     lb: Arc<Mutex<ServiceLb>>,
+    /// The latest snapshot seen, for programming a pod's policy at ATTACH.
+    latest: Arc<Mutex<Arc<Snapshot>>>,
     netns: PathBuf,
     node: String,
     events: Option<kube::Client>,
@@ -65,7 +69,11 @@ impl Datapath {
     ) -> Result<Self, DatapathError> {
         let (netns_path, underlay) = (netns.to_owned(), underlay.to_owned());
         let lb = tokio::task::spawn_blocking(move || -> Result<ServiceLb, DatapathError> {
+            let policy = settings.network_policy;
             let mut lb = ServiceLb::load(settings).map_err(DatapathError::Load)?;
+            lb.lb
+                .set_policy_enforcement(policy)
+                .map_err(DatapathError::Load)?;
             lb.lb
                 .attach_net(&netns_path, &underlay)
                 .map_err(|source| DatapathError::Underlay {
@@ -97,20 +105,38 @@ impl Datapath {
         .await??;
         Ok(Self {
             lb: Arc::new(Mutex::new(lb)),
+            latest: Arc::new(Mutex::new(Arc::new(Snapshot::empty()))),
             netns: netns.to_owned(),
             node: node.to_owned(),
             events,
         })
     }
 
-    /// Attaches the pod programs to a new host veth (the CNI plugin's `ATTACH`). Blocking.
-    pub fn attach_pod(&self, ifname: &str) -> Result<(), String> {
+    /// The CNI plugin's `ATTACH <veth> [<namespace>/<pod> <ip>[,<ip>]]`: programs the pod's
+    /// NetworkPolicy for its addresses, then attaches the pod programs to its host veth, so
+    /// the pod never sends or receives a packet without both. Blocking.
+    pub fn attach_pod(&self, args: &str) -> Result<(), String> {
+        let mut words = args.split_whitespace();
+        let ifname = words.next().unwrap_or("");
         if !is_pod_veth(ifname) {
             return Err(format!(
                 "{ifname:?} is not a Fairlead pod veth (fl + 11 hex digits)"
             ));
         }
+        let pod = words.next().and_then(|p| p.split_once('/'));
+        let ips: Vec<IpAddr> = match words.next() {
+            Some(list) => list
+                .split(',')
+                .map(|ip| ip.parse().map_err(|_| format!("{ip:?} is not an IP address")))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        let snapshot = Arc::clone(&self.latest.lock().unwrap_or_else(|p| p.into_inner()));
         let mut lb = self.lb.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((namespace, name)) = pod {
+            lb.attach_endpoint(&snapshot, ObjectKey::new(namespace, name), &ips)
+                .map_err(|e| format!("programming the pod's NetworkPolicy: {e}"))?;
+        }
         lb.lb
             .attach_pod(&self.netns, ifname)
             .map_err(|e| e.to_string())
@@ -122,6 +148,24 @@ impl Datapath {
         old: Option<Arc<Snapshot>>,
         new: Arc<Snapshot>,
     ) -> Result<SyncReport, DatapathError> {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
+        let policy_changed = match &old {
+            Some(old) => {
+                let d = Snapshot::diff(old, &new);
+                !(d.pods.is_empty() && d.network_policies.is_empty() && d.namespaces.is_empty())
+            }
+            None => true,
+        };
+        if policy_changed {
+            let (lb, node, snap) = (Arc::clone(&self.lb), self.node.clone(), Arc::clone(&new));
+            let ops = tokio::task::spawn_blocking(move || {
+                let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
+                lb.sync_policy(&snap, &node)
+            })
+            .await?
+            .map_err(DatapathError::Sync)?;
+            debug!(map_ops = ops, "NetworkPolicy programmed");
+        }
         let keys = match &old {
             // The node's own addresses feed NodePort frontends: resync all when it changes.
             Some(old) if old.node(&self.node) == new.node(&self.node) => {

@@ -15,6 +15,7 @@ pub mod cni_install;
 pub mod config;
 pub mod datapath;
 pub mod netns;
+pub mod policy;
 pub mod reaper;
 pub mod routes;
 pub mod services;

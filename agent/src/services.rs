@@ -15,7 +15,7 @@
 //! port, an address outside the service CIDRs) is skipped with a log line and
 //! an Event, leaving every other Service's entries as they were.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +42,9 @@ pub struct LbSettings {
     pub pod_cgroup: Option<PathBuf>,
     /// Leave maps and links pinned when the agent stops (a real node: true).
     pub keep_pins: bool,
+    /// Enforce NetworkPolicy on this node's pods (`FAIRLEAD_AGENT_NETWORK_POLICY`, default
+    /// true). On, a pod's packets pass only once its policy is programmed (at ATTACH).
+    pub network_policy: bool,
 }
 
 impl LbSettings {
@@ -52,6 +55,7 @@ impl LbSettings {
             service_cidrs: default_service_cidrs(),
             pod_cgroup: None,
             keep_pins: true,
+            network_policy: true,
         }
     }
 }
@@ -346,7 +350,15 @@ pub struct ServiceLb {
     pruned: bool,
     /// The node addresses last written to the datapath.
     node_addresses: Option<Vec<IpAddr>>,
+    /// NetworkPolicy ids handed to the datapath.
+    pub policy_ids: crate::policy::PolicyIds,
+    /// Pod addresses the CNI plugin announced (ATTACH), with their pod and when: a pod is
+    /// programmed before it runs, even before the snapshot has its addresses.
+    attached: HashMap<IpAddr, (ObjectKey, std::time::Instant)>,
 }
+
+/// How long an announced pod address is kept while the snapshot does not know its pod yet.
+const ATTACH_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Result of one sync.
 #[derive(Debug, Default)]
@@ -372,7 +384,95 @@ impl ServiceLb {
             reported: BTreeMap::new(),
             pruned: false,
             node_addresses: None,
+            policy_ids: Default::default(),
+            attached: HashMap::new(),
         })
+    }
+
+    /// Programs the policy of a pod that is about to start (the CNI plugin's ATTACH) at the
+    /// addresses it was given, from `snapshot` as it is now. A pod the snapshot does not know
+    /// gets deny-all both ways until it does (fail closed).
+    pub fn attach_endpoint(
+        &mut self,
+        snapshot: &Snapshot,
+        pod: ObjectKey,
+        ips: &[IpAddr],
+    ) -> Result<(), fairlead_ebpf::Error> {
+        if !self.settings.network_policy {
+            return Ok(());
+        }
+        for ip in ips {
+            self.attached
+                .insert(*ip, (pod.clone(), std::time::Instant::now()));
+            let policy = self.endpoint_policy(snapshot, &pod, *ip);
+            self.lb.set_endpoint_policy(*ip, &policy)?;
+        }
+        Ok(())
+    }
+
+    fn endpoint_policy(
+        &mut self,
+        snapshot: &Snapshot,
+        pod: &ObjectKey,
+        ip: IpAddr,
+    ) -> fairlead_ebpf::policy::EndpointPolicy {
+        match snapshot.pods().get_key(pod) {
+            Some(p) => crate::policy::compile_endpoint(snapshot, p, ip, &mut self.policy_ids),
+            None => fairlead_ebpf::policy::EndpointPolicy {
+                ingress_isolated: true,
+                egress_isolated: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Brings every local pod's policy in line with `snapshot`: pods on this node with
+    /// addresses, and addresses announced by ATTACH whose pod the snapshot does not show
+    /// yet. Endpoints of pods that are gone are forgotten. Only differing entries are
+    /// written.
+    pub fn sync_policy(
+        &mut self,
+        snapshot: &Snapshot,
+        node_name: &str,
+    ) -> Result<usize, fairlead_ebpf::Error> {
+        if !self.settings.network_policy {
+            return Ok(0);
+        }
+        let mut want: HashMap<IpAddr, ObjectKey> = HashMap::new();
+        for p in snapshot.pods_on_node(node_name) {
+            if p.host_network {
+                continue;
+            }
+            for ip in &p.ips {
+                want.insert(*ip, ObjectKey::new(&p.namespace, &p.name));
+            }
+        }
+        let now = std::time::Instant::now();
+        self.attached.retain(|ip, (key, at)| {
+            if want.get(ip) == Some(key) {
+                return false; // the snapshot has it now
+            }
+            snapshot.pods().get_key(key).is_some() || now.duration_since(*at) < ATTACH_GRACE
+        });
+        for (ip, (key, _)) in &self.attached {
+            want.entry(*ip).or_insert_with(|| key.clone());
+        }
+        let mut ops = 0;
+        for (ip, key) in &want {
+            let policy = self.endpoint_policy(snapshot, key, *ip);
+            let report = self.lb.set_endpoint_policy(*ip, &policy)?;
+            for (_, _, prefix) in &report.overflow {
+                warn!(pod = %key, %ip, %prefix, "more port rules for one peer prefix than the policy map holds; that peer is denied (fail closed)");
+            }
+            ops += report.map_ops;
+        }
+        for ip in self.lb.policy_endpoints() {
+            if !want.contains_key(&ip) {
+                self.lb.remove_endpoint_policy(ip)?;
+                ops += 1;
+            }
+        }
+        Ok(ops)
     }
 
     pub fn settings(&self) -> &LbSettings {

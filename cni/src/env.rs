@@ -63,8 +63,9 @@ pub struct CniEnv {
     container_id: Option<String>,
     netns: Option<PathBuf>,
     ifname: Option<String>,
-    /// `CNI_ARGS` pairs. None are used today (Kubernetes passes K8S_POD_*),
-    /// but a malformed value is still reported.
+    /// `CNI_ARGS` pairs: `K8S_POD_NAMESPACE` and `K8S_POD_NAME` name the pod to
+    /// the agent (NetworkPolicy); the rest are ignored, but a malformed value is
+    /// still reported.
     pub args: Vec<(String, String)>,
     /// `CNI_PATH`. Parsed, never used: this plugin execs no delegates.
     pub path: Vec<PathBuf>,

@@ -174,7 +174,13 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
         &names,
         &allocations,
         &mut created,
-    );
+    )
+    .and_then(|result| {
+        if conf.attach_datapath {
+            attach_datapath(conf, &names.host, &pod_ref(env), &allocations)?;
+        }
+        Ok(result)
+    });
     let ours = match wired {
         Ok(result) => result,
         Err(error) => {
@@ -205,17 +211,40 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// Asks the agent to put its eBPF programs on the new host veth before the
-/// pod gets its result (and so before it can send a packet).
-fn attach_datapath(conf: &NetConf, host_ifname: &str) -> Result<(), PluginError> {
+/// `<namespace>/<name>` of the pod from the runtime's `K8S_POD_NAMESPACE` and
+/// `K8S_POD_NAME` (`-` when the runtime passes none, as podman does).
+fn pod_ref(env: &CniEnv) -> String {
+    let arg = |k: &str| {
+        env.args
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    match (arg("K8S_POD_NAMESPACE"), arg("K8S_POD_NAME")) {
+        (Some(ns), Some(name)) if !ns.is_empty() && !name.is_empty() => format!("{ns}/{name}"),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Asks the agent to put its eBPF programs on the new host veth, and to
+/// program the pod's NetworkPolicy for its addresses, before the pod gets
+/// its result (and so before it can send or receive a packet):
+/// `ATTACH <veth> <namespace>/<pod> <ip>[,<ip>]`.
+fn attach_datapath(
+    conf: &NetConf,
+    host_ifname: &str,
+    pod: &str,
+    allocations: &[Allocation],
+) -> Result<(), PluginError> {
     let fail = |reason: String| PluginError::Datapath {
         socket: conf.agent_socket.clone(),
         ifname: host_ifname.to_owned(),
         reason,
     };
+    let ips: Vec<String> = allocations.iter().map(|a| a.ip.to_string()).collect();
     let line = agent::ask(
         &conf.agent_socket,
-        &format!("{} {host_ifname}", agent::ATTACH),
+        &format!("{} {host_ifname} {pod} {}", agent::ATTACH, ips.join(",")),
         AGENT_TIMEOUT,
     )
     .map_err(|e| fail(e.to_string()))?;
@@ -338,9 +367,6 @@ fn wire(
                 RouteScope::Universe
             },
         })?;
-    }
-    if conf.attach_datapath {
-        attach_datapath(conf, &names.host)?;
     }
     if conf.enable_forwarding {
         if has_v4 {

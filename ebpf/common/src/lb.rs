@@ -127,6 +127,7 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 
 /// Which traffic a frontend entry is for: the same Service address can have
 /// different backends inside and outside the cluster (traffic policies).
@@ -351,9 +352,15 @@ pub enum Stat {
     StaleReplyDropped = 12,
     /// UDP datagram to a Service with no backends, answered ICMP port unreachable.
     NoBackendUnreachable = 13,
+    /// NetworkPolicy: a packet into a pod denied.
+    PolicyDeniedIngress = 14,
+    /// NetworkPolicy: a packet out of a pod denied.
+    PolicyDeniedEgress = 15,
+    /// NetworkPolicy enforced, but the pod is not programmed yet: dropped.
+    PolicyUnknownEndpoint = 16,
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 17;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "new_flow",
@@ -370,6 +377,9 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "fib_failed",
     "stale_reply_dropped",
     "no_backend_unreachable",
+    "policy_denied_ingress",
+    "policy_denied_egress",
+    "policy_unknown_endpoint",
 ];
 
 /// `addr` of an IPv4 address (network-order bytes) as stored in the maps.

@@ -10,6 +10,7 @@
 
 pub mod ifstats;
 pub mod lb;
+pub mod policy;
 
 /// BPF object names (maps, programs) are cut at 15 bytes by the kernel
 /// (`BPF_OBJ_NAME_LEN` is 16 with the NUL). A longer name would load but

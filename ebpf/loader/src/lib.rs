@@ -14,6 +14,7 @@ mod ifstats;
 pub mod lb;
 pub mod maglev;
 mod netns;
+pub mod policy;
 
 pub use bpffs::{ensure_bpffs, pin_dir, BPFFS_ROOT, PIN_DIR_PREFIX};
 pub use error::Error;

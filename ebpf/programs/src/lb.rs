@@ -35,7 +35,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
     EbpfContext,
 };
-use fairlead_ebpf_common::{lb::*, str_eq};
+use fairlead_ebpf_common::{
+    lb::*,
+    policy::{DIR_EGRESS, DIR_INGRESS},
+    str_eq,
+};
+
+use crate::policy;
 
 const _: () = assert!(str_eq("fl_lb_svc_v1", MAP_SVC));
 const _: () = assert!(str_eq("fl_lb_be_v1", MAP_BACKENDS));
@@ -67,7 +73,7 @@ static SOCK_FWD: LruHashMap<SockRevKey, SockFwdValue> =
 #[map(name = "fl_lb_stats_v1")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map(name = "fl_lb_node_v1")]
-static NODE: Array<[u32; 4]> = Array::with_max_entries(2, 0);
+pub(crate) static NODE: Array<[u32; 4]> = Array::with_max_entries(2, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -81,7 +87,7 @@ const AF_INET6: u8 = 10;
 const ECONNREFUSED: i32 = 111;
 
 #[inline(always)]
-fn count(stat: Stat) {
+pub(crate) fn count(stat: Stat) {
     if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: this CPU's slot of a per-CPU array; tc and cgroup programs
         // run with migration disabled, so no other writer exists.
@@ -190,7 +196,9 @@ fn parse(ctx: &TcContext) -> Option<Pkt> {
     } else {
         return None;
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    // SCTP is parsed for NetworkPolicy (its ports sit where UDP's do); no
+    // Service frontend is ever SCTP, so the load balancer never touches it.
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return None;
     }
     let ports: [u16; 2] = ctx.load(l4_off).ok()?;
@@ -271,7 +279,7 @@ fn set_port(ctx: &TcContext, p: &Pkt, dst: bool, old: u16, new: u16) -> Result<(
 
 /// Lifetime of a flow in its current state.
 #[inline(always)]
-fn lifetime_ns(proto: u8, flags: u16) -> u64 {
+pub(crate) fn lifetime_ns(proto: u8, flags: u16) -> u64 {
     let s = if proto != PROTO_TCP {
         CT_UDP_S
     } else if flags & CT_F_CLOSING != 0 {
@@ -326,21 +334,62 @@ pub fn lb_from_net(ctx: TcContext) -> i32 {
     tc_entry(&ctx, Hook::FromNet)
 }
 
+/// skb->mark bit of packets this program bounced back into a pod (hairpin,
+/// resets, ICMP errors): the veth's egress program must not judge them
+/// again (the mark is scrubbed when the packet crosses into the pod).
+const MARK_BOUNCED: u32 = 0x0fa1_0000;
+
 #[inline(always)]
 fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     let Some(p) = parse(ctx) else {
         return TC_ACT_OK as i32;
     };
-    match handle(ctx, &p, hook) {
+    let now = now_ns();
+    if hook == Hook::ToPod {
+        // SAFETY: reading a plain field of the valid context.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        // Ingress policy before reverse translation: it judges the real peer.
+        if mark & MARK_BOUNCED != MARK_BOUNCED
+            && !policy::allowed(
+                DIR_INGRESS,
+                &p.daddr,
+                &p.saddr,
+                p.dport,
+                p.sport,
+                p.proto,
+                p.tcp_flags,
+                now,
+            )
+        {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    match handle(ctx, &p, hook, now) {
         Ok(verdict) => verdict,
         // A helper failed mid-rewrite: the packet may be half translated.
         Err(()) => TC_ACT_SHOT as i32,
     }
 }
 
+/// Egress policy of the pod behind this veth for a packet to `peer`
+/// (after Service translation).
 #[inline(always)]
-fn handle(ctx: &TcContext, p: &Pkt, hook: Hook) -> Result<i32, ()> {
-    let now = now_ns();
+fn egress_ok(p: &Pkt, hook: Hook, peer: &[u32; 4], peer_port: u16, now: u64) -> bool {
+    hook != Hook::FromPod
+        || policy::allowed(
+            DIR_EGRESS,
+            &p.saddr,
+            peer,
+            p.sport,
+            peer_port,
+            p.proto,
+            p.tcp_flags,
+            now,
+        )
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, p: &Pkt, hook: Hook, now: u64) -> Result<i32, ()> {
     if hook != Hook::ToPod {
         let scope = if hook == Hook::FromNet {
             Scope::External
@@ -366,11 +415,17 @@ fn handle(ctx: &TcContext, p: &Pkt, hook: Hook) -> Result<i32, ()> {
                     touch(ct, p, now, 0);
                     // SAFETY: as above.
                     let value = unsafe { *ct };
+                    if !egress_ok(p, hook, &value.peer_addr, value.peer_port, now) {
+                        return Ok(TC_ACT_SHOT as i32);
+                    }
                     count(Stat::Forward);
                     return forward(ctx, p, &value, hook);
                 }
             }
             return new_flow(ctx, p, &skey, &svc, hook, now);
+        }
+        if !egress_ok(p, hook, &p.daddr, p.dport, now) {
+            return Ok(TC_ACT_SHOT as i32);
         }
         if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             forget_stale_reply(p);
@@ -490,8 +545,9 @@ fn bounce(ctx: &TcContext) -> Result<i32, ()> {
         i += 1;
     }
     ctx.store(0, &swapped, 0).map_err(|_| ())?;
-    // SAFETY: reading a plain field of the valid context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: reading plain fields of the valid context.
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    ctx.set_mark(mark | MARK_BOUNCED);
     // SAFETY: plain helper call; flags 0 means egress of `ifindex`.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
@@ -647,6 +703,9 @@ fn new_flow(
         return Ok(TC_ACT_SHOT as i32);
     };
 
+    if !egress_ok(p, hook, &be.addr, be.port, now) {
+        return Ok(TC_ACT_SHOT as i32);
+    }
     let hairpin = hook == Hook::FromPod && addr_eq(&be.addr, &p.saddr);
     // From outside to a backend on another node (externalTrafficPolicy
     // Cluster): the reply must come back here to be translated, so the

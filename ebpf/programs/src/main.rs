@@ -7,6 +7,7 @@
 
 mod ifstats;
 mod lb;
+mod policy;
 
 // There is no unwinding in BPF and the verifier rejects anything that could
 // reach a real panic path; this handler only satisfies `no_std`.

@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
@@ -199,6 +199,7 @@ pub struct Lb {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     maps: KernelMaps,
+    policy: crate::policy::PolicyMaps,
     table: ServiceTable,
     persistence: Persistence,
     closed: bool,
@@ -237,8 +238,11 @@ impl Lb {
             fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
         }
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&'static str, PathBuf)> =
-            MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let paths: Vec<(&'static str, PathBuf)> = MAPS
+            .iter()
+            .chain(crate::policy::POLICY_MAPS.iter())
+            .map(|m| (*m, pin_dir.join(m)))
+            .collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -283,11 +287,36 @@ impl Lb {
                 detail: e.to_string(),
             })?,
         };
+        let policy = {
+            use fairlead_ebpf_common::policy::{
+                MAP_POL_CONF, MAP_POL_CT, MAP_POL_EP, MAP_POL_RULES,
+            };
+            let mismatch = |name: &'static str| {
+                let path = pin_dir.join(name);
+                move |e: MapError| Error::PinnedMapMismatch {
+                    path,
+                    detail: e.to_string(),
+                }
+            };
+            let rules = ebpf
+                .take_map(MAP_POL_RULES)
+                .ok_or(Error::MapMissing { map: MAP_POL_RULES })?;
+            let conf = ebpf
+                .take_map(MAP_POL_CONF)
+                .ok_or(Error::MapMissing { map: MAP_POL_CONF })?;
+            crate::policy::PolicyMaps::new(
+                take_hash(&mut ebpf, MAP_POL_EP, &pin_dir)?,
+                LpmTrie::try_from(rules).map_err(mismatch(MAP_POL_RULES))?,
+                Array::try_from(conf).map_err(mismatch(MAP_POL_CONF))?,
+                take_hash(&mut ebpf, MAP_POL_CT, &pin_dir)?,
+            )
+        };
         let mut lb = Self {
             instance: instance.to_owned(),
             pin_dir,
             ebpf,
             maps,
+            policy,
             table: ServiceTable::new(),
             persistence,
             closed: false,
@@ -352,6 +381,33 @@ impl Lb {
                 .map_err(write_err(MAP_NODE))?;
         }
         Ok(())
+    }
+
+    /// NetworkPolicy enforcement on or off for this node (off: every packet
+    /// passes; on: a pod must have been programmed with
+    /// [`Lb::set_endpoint_policy`], or its packets are dropped).
+    pub fn set_policy_enforcement(&mut self, on: bool) -> Result<(), Error> {
+        self.policy.set_enforcement(on)
+    }
+
+    /// Programs what the pod at `ip` may receive and send (written as a
+    /// diff; see `crate::policy` for the ordering).
+    pub fn set_endpoint_policy(
+        &mut self,
+        ip: std::net::IpAddr,
+        policy: &crate::policy::EndpointPolicy,
+    ) -> Result<crate::policy::PolicyReport, Error> {
+        self.policy.set_endpoint(ip, policy)
+    }
+
+    /// Forgets a pod address (its packets fail closed from then on).
+    pub fn remove_endpoint_policy(&mut self, ip: std::net::IpAddr) -> Result<(), Error> {
+        self.policy.remove_endpoint(ip)
+    }
+
+    /// Pod addresses with programmed policy.
+    pub fn policy_endpoints(&self) -> Vec<std::net::IpAddr> {
+        self.policy.endpoints().copied().collect()
     }
 
     /// After the first full sync: removes adopted frontends nobody claimed.
@@ -522,13 +578,14 @@ impl Lb {
 
     /// [`Lb::gc`] as if the clock read `now` (CLOCK_MONOTONIC ns).
     pub fn gc_at(&mut self, now: u64) -> Result<GcReport, Error> {
+        let policy_expired = self.policy.gc(now);
         let (doomed, scanned) = self.maps.ct_keys_where(|_, v| v.expires_ns <= now)?;
         for key in &doomed {
             deleted(self.maps.ct.remove(key), MAP_CT)?;
         }
         Ok(GcReport {
             scanned,
-            expired: doomed.len(),
+            expired: doomed.len() + policy_expired,
         })
     }
 
