@@ -54,6 +54,14 @@ pub struct Kubelet {
     pub snapshots: Option<tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>>>,
 }
 
+/// What a pod's spec asks the kubelet to run.
+struct Declared {
+    /// The cluster DNS instead of the echo workload.
+    dns: bool,
+    /// Container ports: each gets an echo server.
+    ports: Vec<(u16, fairlead_core::Protocol)>,
+}
+
 /// The namespace a sandbox pod lives in.
 pub fn pod_netns(prefix: &str, namespace: &str, pod: &str) -> String {
     format!("{prefix}pod-{namespace}-{pod}")
@@ -233,7 +241,7 @@ impl Kubelet {
     /// Brings the node's pods in line with the snapshot.
     pub async fn sync(&mut self, snap: &Snapshot) {
         self.sync_node().await;
-        let wanted: HashMap<String, (String, String, bool)> = snap
+        let wanted: HashMap<String, (String, String, Declared)> = snap
             .pods()
             .values()
             .filter(|p| {
@@ -244,7 +252,11 @@ impl Kubelet {
             .map(|p| {
                 let dns = p.labels.get(workload::DNS_LABEL.0).map(String::as_str)
                     == Some(workload::DNS_LABEL.1);
-                (p.uid.clone(), (p.namespace.clone(), p.name.clone(), dns))
+                let ports = p.ports.iter().map(|c| (c.port, c.protocol)).collect();
+                (
+                    p.uid.clone(),
+                    (p.namespace.clone(), p.name.clone(), Declared { dns, ports }),
+                )
             })
             .collect();
         let gone: Vec<String> = self
@@ -259,11 +271,11 @@ impl Kubelet {
             }
         }
         self.failures.retain(|uid, _| wanted.contains_key(uid));
-        for (uid, (namespace, name, dns)) in wanted {
+        for (uid, (namespace, name, declared)) in wanted {
             if self.running.contains_key(&uid) {
                 continue;
             }
-            match self.setup(&uid, &namespace, &name, dns).await {
+            match self.setup(&uid, &namespace, &name, &declared).await {
                 Ok(p) => {
                     self.failures.remove(&uid);
                     self.running.insert(uid, p);
@@ -281,7 +293,7 @@ impl Kubelet {
         uid: &str,
         namespace: &str,
         name: &str,
-        dns: bool,
+        declared: &Declared,
     ) -> Result<RunningPod, crate::Error> {
         let ns = pod_netns(&self.prefix, namespace, name);
         netns::create(&ns)?;
@@ -312,9 +324,9 @@ impl Kubelet {
             pod: name.into(),
             node: self.node.clone(),
         };
-        let workload = match (&self.snapshots, dns) {
+        let workload = match (&self.snapshots, declared.dns) {
             (Some(snapshots), true) => workload::start_dns(&ns, id, snapshots.clone())?,
-            _ => workload::start(&ns, id)?,
+            _ => workload::start(&ns, id, &declared.ports)?,
         };
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.client.clone(), namespace);

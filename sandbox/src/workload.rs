@@ -78,29 +78,54 @@ fn any(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
 }
 
-/// Binds the three servers in pod namespace `ns` and serves them.
-pub fn start(ns: &str, id: Identity) -> Result<Workload, crate::Error> {
-    let (http, tcp, udp) = netns::run_in(ns, || -> std::io::Result<_> {
+/// Binds the three servers in pod namespace `ns`, plus a TCP or UDP echo on every further
+/// port the pod's containers declare (as the Kubernetes network-policy e2e suite's pods
+/// serve 80 and 81 over both protocols), and serves them all.
+pub fn start(
+    ns: &str,
+    id: Identity,
+    declared: &[(u16, fairlead_core::Protocol)],
+) -> Result<Workload, crate::Error> {
+    use fairlead_core::Protocol;
+    let extra_tcp: Vec<u16> = declared
+        .iter()
+        .filter(|(p, proto)| *proto == Protocol::Tcp && ![HTTP_PORT, TCP_ECHO_PORT].contains(p))
+        .map(|(p, _)| *p)
+        .collect();
+    let extra_udp: Vec<u16> = declared
+        .iter()
+        .filter(|(p, proto)| *proto == Protocol::Udp && *p != UDP_ECHO_PORT)
+        .map(|(p, _)| *p)
+        .collect();
+    let (http, tcps, udps) = netns::run_in(ns, || -> std::io::Result<_> {
         let http = std::net::TcpListener::bind(any(HTTP_PORT))?;
-        let tcp = std::net::TcpListener::bind(any(TCP_ECHO_PORT))?;
-        let udp = std::net::UdpSocket::bind(any(UDP_ECHO_PORT))?;
-        for s in [&http, &tcp] {
-            s.set_nonblocking(true)?;
+        http.set_nonblocking(true)?;
+        let mut tcps = Vec::new();
+        for port in std::iter::once(TCP_ECHO_PORT).chain(extra_tcp.iter().copied()) {
+            let l = std::net::TcpListener::bind(any(port))?;
+            l.set_nonblocking(true)?;
+            tcps.push(l);
         }
-        udp.set_nonblocking(true)?;
-        Ok((http, tcp, udp))
+        let mut udps = Vec::new();
+        for port in std::iter::once(UDP_ECHO_PORT).chain(extra_udp.iter().copied()) {
+            let u = std::net::UdpSocket::bind(any(port))?;
+            u.set_nonblocking(true)?;
+            udps.push(u);
+        }
+        Ok((http, tcps, udps))
     })?
     .map_err(|e| crate::Error::Workload {
         pod: id.pod.clone(),
         source: e,
     })?;
     let id = Arc::new(id);
-    let mut tasks = Vec::new();
-
-    let http = tokio::net::TcpListener::from_std(http).map_err(|e| crate::Error::Workload {
+    let fail = |e| crate::Error::Workload {
         pod: id.pod.clone(),
         source: e,
-    })?;
+    };
+    let mut tasks = Vec::new();
+
+    let http = tokio::net::TcpListener::from_std(http).map_err(fail)?;
     let who = id.clone();
     let app = axum::Router::new().fallback(
         move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
@@ -125,50 +150,50 @@ pub fn start(ns: &str, id: Identity) -> Result<Workload, crate::Error> {
         )
         .await;
     }));
+    for l in tcps {
+        let l = tokio::net::TcpListener::from_std(l).map_err(fail)?;
+        tasks.push(tokio::spawn(tcp_echo(l, id.pod.clone())));
+    }
+    for u in udps {
+        let u = tokio::net::UdpSocket::from_std(u).map_err(fail)?;
+        tasks.push(tokio::spawn(udp_echo(u, id.pod.clone())));
+    }
+    Ok(Workload { tasks, _dns: None })
+}
 
-    let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| crate::Error::Workload {
-        pod: id.pod.clone(),
-        source: e,
-    })?;
-    let who = id.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Ok((mut conn, _)) = tcp.accept().await {
-            let name = who.pod.clone();
-            tokio::spawn(async move {
-                if conn
-                    .write_all(format!("{name}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
+/// Names the pod, then echoes.
+async fn tcp_echo(listener: tokio::net::TcpListener, name: String) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        let name = name.clone();
+        tokio::spawn(async move {
+            if conn
+                .write_all(format!("{name}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if conn.write_all(&buf[..n]).await.is_err() {
+                            return;
                         }
                     }
                 }
-            });
-        }
-    }));
+            }
+        });
+    }
+}
 
-    let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| crate::Error::Workload {
-        pod: id.pod.clone(),
-        source: e,
-    })?;
-    let who = id.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
-            let mut reply = format!("{}: ", who.pod).into_bytes();
-            reply.extend_from_slice(&buf[..n]);
-            let _ = udp.send_to(&reply, peer).await;
-        }
-    }));
-    Ok(Workload { tasks, _dns: None })
+/// Answers each datagram with `<pod>: <datagram>`.
+async fn udp_echo(socket: tokio::net::UdpSocket, name: String) {
+    let mut buf = [0u8; 2048];
+    while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+        let mut reply = format!("{name}: ").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let _ = socket.send_to(&reply, peer).await;
+    }
 }
