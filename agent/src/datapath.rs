@@ -52,6 +52,9 @@ pub struct Datapath {
     lb: Arc<Mutex<ServiceLb>>,
     /// The latest snapshot seen, for programming a pod's policy at ATTACH.
     latest: Arc<Mutex<Arc<Snapshot>>>,
+    /// Flow events, named.
+    flows: crate::flows::FlowLog,
+    namer: Arc<Mutex<crate::flows::Namer>>,
     netns: PathBuf,
     node: String,
     events: Option<kube::Client>,
@@ -68,7 +71,7 @@ impl Datapath {
         events: Option<kube::Client>,
     ) -> Result<Self, DatapathError> {
         let (netns_path, underlay) = (netns.to_owned(), underlay.to_owned());
-        let lb = tokio::task::spawn_blocking(move || -> Result<ServiceLb, DatapathError> {
+        let mut lb = tokio::task::spawn_blocking(move || -> Result<ServiceLb, DatapathError> {
             let policy = settings.network_policy;
             let mut lb = ServiceLb::load(settings).map_err(DatapathError::Load)?;
             lb.lb
@@ -103,8 +106,27 @@ impl Datapath {
             Ok(lb)
         })
         .await??;
+        let reader = lb.lb.take_flow_reader();
+        let lb = Arc::new(Mutex::new(lb));
+        let flows = crate::flows::FlowLog::default();
+        let namer = Arc::new(Mutex::new(crate::flows::Namer::new(&Snapshot::empty())));
+        if let Some(reader) = reader {
+            let (lb, namer, node) = (Arc::clone(&lb), Arc::clone(&namer), node.to_owned());
+            tokio::spawn(crate::flows::run(reader, flows.clone(), move |e| {
+                let policy = (e.policy != 0)
+                    .then(|| {
+                        let lb = lb.lock().unwrap_or_else(|p| p.into_inner());
+                        lb.policy_ids.name(e.policy).map(|k| k.to_string())
+                    })
+                    .flatten();
+                let namer = namer.lock().unwrap_or_else(|p| p.into_inner());
+                namer.record(&node, e, policy)
+            }));
+        }
         Ok(Self {
-            lb: Arc::new(Mutex::new(lb)),
+            flows,
+            namer,
+            lb,
             latest: Arc::new(Mutex::new(Arc::new(Snapshot::empty()))),
             netns: netns.to_owned(),
             node: node.to_owned(),
@@ -127,7 +149,10 @@ impl Datapath {
         let ips: Vec<IpAddr> = match words.next() {
             Some(list) => list
                 .split(',')
-                .map(|ip| ip.parse().map_err(|_| format!("{ip:?} is not an IP address")))
+                .map(|ip| {
+                    ip.parse()
+                        .map_err(|_| format!("{ip:?} is not an IP address"))
+                })
                 .collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
@@ -157,6 +182,7 @@ impl Datapath {
             None => true,
         };
         if policy_changed {
+            *self.namer.lock().unwrap_or_else(|p| p.into_inner()) = crate::flows::Namer::new(&new);
             let (lb, node, snap) = (Arc::clone(&self.lb), self.node.clone(), Arc::clone(&new));
             let ops = tokio::task::spawn_blocking(move || {
                 let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,6 +258,49 @@ impl Datapath {
             Ok((Err(e), _)) => warn!(error = %e, "conntrack garbage collection failed"),
             Err(e) => warn!(error = %e, "datapath housekeeping stopped"),
         }
+    }
+
+    /// The flow log (recent events and the live stream).
+    pub fn flows(&self) -> &crate::flows::FlowLog {
+        &self.flows
+    }
+
+    /// The datapath's counters in Prometheus text format. Blocking (map reads).
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let lb = self.lb.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        out += "# HELP fairlead_datapath_events_total Packets and flows by what the eBPF datapath did with them (drop reasons included).\n";
+        out += "# TYPE fairlead_datapath_events_total counter\n";
+        match lb.lb.stats() {
+            Ok(stats) => {
+                for s in stats {
+                    let _ = writeln!(
+                        out,
+                        "fairlead_datapath_events_total{{node=\"{}\",event=\"{}\"}} {}",
+                        self.node, s.name, s.value
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "# stats unavailable: {e}");
+            }
+        }
+        let mut gauge = |name: &str, help: &str, value: usize| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {value}", self.node);
+        };
+        gauge(
+            "fairlead_policy_endpoints",
+            "Pod addresses with NetworkPolicy programmed.",
+            lb.lb.policy_endpoints().len(),
+        );
+        gauge(
+            "fairlead_service_frontends",
+            "Service frontends programmed.",
+            lb.lb.table().len(),
+        );
+        out
     }
 
     /// Runs `f` on the loaded programs (tests, diagnostics). Blocking.

@@ -14,6 +14,7 @@
 pub mod cni_install;
 pub mod config;
 pub mod datapath;
+pub mod flows;
 pub mod netns;
 pub mod policy;
 pub mod reaper;

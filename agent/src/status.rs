@@ -14,6 +14,10 @@
 //!   `OK\n` once the datapath's eBPF programs are attached to it, so the pod never runs
 //!   without Service load balancing; `ERROR <why>\n` otherwise (ADD then fails and rolls back).
 //!
+//! * `FLOWS [follow]\n`: the recent flow events (NetworkPolicy verdicts) as JSON lines, then
+//!   with `follow` new ones until the client closes; `fairlead flows` reads this.
+//! * `METRICS\n`: datapath counters (drop reasons included) in Prometheus text format.
+//!
 //! Anything else gets `ERROR <what>\n`.
 
 use std::future::Future;
@@ -36,6 +40,11 @@ pub const STATUS_REQUEST: &str = "STATUS";
 pub const DELLINK_REQUEST: &str = "DELLINK";
 /// `ATTACH <name>`: attach the datapath to this new pod veth.
 pub const ATTACH_REQUEST: &str = "ATTACH";
+/// `FLOWS [follow]`: recent flow events as JSON lines; with `follow`, then new ones as they
+/// come, until the client goes away.
+pub const FLOWS_REQUEST: &str = "FLOWS";
+/// `METRICS`: the datapath's counters, Prometheus text format.
+pub const METRICS_REQUEST: &str = "METRICS";
 /// A client that has not sent its line by then is dropped, so a stuck client cannot pile up
 /// tasks.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -203,6 +212,27 @@ async fn answer(
             .map(str::trim_start)
             .map(str::to_owned)
     };
+    if let Some(mode) = argument(FLOWS_REQUEST) {
+        return match datapath {
+            Some(dp) => stream_flows(&mut write, &dp, mode == "follow").await,
+            None => {
+                write
+                    .write_all(b"ERROR this agent runs no eBPF datapath\n")
+                    .await?;
+                write.shutdown().await
+            }
+        };
+    }
+    if line == METRICS_REQUEST {
+        let text = match datapath {
+            Some(dp) => tokio::task::spawn_blocking(move || dp.metrics())
+                .await
+                .unwrap_or_else(|e| format!("# metrics failed: {e}\n")),
+            None => "# this agent runs no eBPF datapath\n".to_owned(),
+        };
+        write.write_all(text.as_bytes()).await?;
+        return write.shutdown().await;
+    }
     let reply = if line == STATUS_REQUEST {
         readiness.borrow().answer()
     } else if let Some(name) = argument(DELLINK_REQUEST) {
@@ -228,6 +258,40 @@ async fn answer(
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
+}
+
+async fn stream_flows(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    dp: &Datapath,
+    follow: bool,
+) -> io::Result<()> {
+    // Subscribe first, so nothing falls between the backlog and the live stream.
+    let mut live = dp.flows().subscribe();
+    for record in dp.flows().recent() {
+        write_record(write, &record).await?;
+    }
+    if follow {
+        loop {
+            match live.recv().await {
+                Ok(record) => write_record(write, &record).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let note = format!("{{\"lost\":{n}}}\n");
+                    write.write_all(note.as_bytes()).await?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+    write.shutdown().await
+}
+
+async fn write_record(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    record: &crate::flows::FlowRecord,
+) -> io::Result<()> {
+    let mut line = serde_json::to_vec(record).unwrap_or_default();
+    line.push(b'\n');
+    write.write_all(&line).await
 }
 
 /// Asks the agent at `path` for its status and returns the answer line without its newline

@@ -2,6 +2,7 @@
 //! server and the sandbox; the agent, DNS and controller subcommands join it as
 //! their issues land.
 
+mod flows;
 mod sandbox;
 
 use std::net::SocketAddr;
@@ -43,6 +44,9 @@ enum Cmd {
     /// Configured by FAIRLEAD_DNS_* variables; talks to the API server of
     /// KUBECONFIG or the in-cluster one.
     Dns,
+    /// Flow events (NetworkPolicy verdicts) from the agents: of a sandbox, or of the agent
+    /// sockets given.
+    Flows(flows::FlowsArgs),
     /// The local sandbox cluster.
     Sandbox {
         #[command(subcommand)]
@@ -83,7 +87,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let quiet = matches!(&cli.cmd, Cmd::Sandbox { cmd } if !matches!(cmd, sandbox::SandboxCmd::Serve { .. }));
+    let quiet = matches!(&cli.cmd, Cmd::Flows(_))
+        || matches!(&cli.cmd, Cmd::Sandbox { cmd } if !matches!(cmd, sandbox::SandboxCmd::Serve { .. }));
     init_logging(if quiet { "warn" } else { "info" })?;
     match cli.cmd {
         Cmd::Apiserver {
@@ -114,6 +119,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Sandbox { cmd } => sandbox::run(cmd).await,
+        Cmd::Flows(args) => {
+            let state = sandbox::state_dir(args.sandbox());
+            flows::run(args, state).await
+        }
         Cmd::Dns => {
             let config = fairlead_dns::Config::from_env()?;
             let client = kube::Client::try_default()

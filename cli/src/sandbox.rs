@@ -78,7 +78,7 @@ fn parse_routing(s: &str) -> Result<fairlead_sandbox::cluster::RoutingMode, Stri
     }
 }
 
-fn state_dir(name: &str) -> PathBuf {
+pub fn state_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("FAIRLEAD_SANDBOX_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/fairlead"));

@@ -179,6 +179,24 @@ fn check(case: &str, prefix: &str, ips: &BTreeMap<Pod, IpAddr>, want: &BTreeMap<
     }
 }
 
+/// Every line the agents of both nodes answer to `request` on their sockets.
+async fn agent_lines(sandbox: &Sandbox, request: &str) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut out = Vec::new();
+    for node in ["node-1", "node-2"] {
+        let path = Sandbox::agent_socket(&sandbox.config.state_dir, node);
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(s).lines();
+        while let Some(l) = lines.next_line().await.unwrap() {
+            out.push(l);
+        }
+    }
+    out
+}
+
 fn policy(name: &str, ns: &str, spec: &str) -> String {
     format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
 }
@@ -272,6 +290,33 @@ async fn cases(sandbox: &Sandbox, name: &str) {
         &ips,
         &expect(|_, to, _, _| to.0 != "x"),
     );
+    // The drops are visible: as flow events naming both pods and the reason, and as a
+    // counter per reason.
+    let flows = agent_lines(sandbox, "FLOWS").await;
+    let dropped = flows.iter().any(|l| {
+        let f: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        f["verdict"] == "DROPPED"
+            && f["reason"] == "policy_denied_ingress"
+            && f["direction"] == "ingress"
+            && f["pod"]["name"] == "x/a"
+            && f["peer"]["name"] == "y/b"
+    });
+    assert!(
+        dropped,
+        "no drop event y/b -> x/a among {} flows",
+        flows.len()
+    );
+    let forwarded_by_policy = flows
+        .iter()
+        .any(|l| l.contains("\"verdict\":\"FORWARDED\""));
+    assert!(forwarded_by_policy, "allowed connections are reported too");
+    let metrics = agent_lines(sandbox, "METRICS").await;
+    let denied: u64 = metrics
+        .iter()
+        .filter(|l| l.contains("event=\"policy_denied_ingress\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(denied > 0, "policy_denied_ingress counted: {metrics:?}");
     delete_policies(sandbox, "x").await;
 
     apply(

@@ -358,9 +358,11 @@ pub enum Stat {
     PolicyDeniedEgress = 15,
     /// NetworkPolicy enforced, but the pod is not programmed yet: dropped.
     PolicyUnknownEndpoint = 16,
+    /// A flow event did not fit in the ring buffer (userspace too slow).
+    FlowEventsLost = 17,
 }
 
-pub const STAT_COUNT: u32 = 17;
+pub const STAT_COUNT: u32 = 18;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "new_flow",
@@ -380,6 +382,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "policy_denied_ingress",
     "policy_denied_egress",
     "policy_unknown_endpoint",
+    "flow_events_lost",
 ];
 
 /// `addr` of an IPv4 address (network-order bytes) as stored in the maps.

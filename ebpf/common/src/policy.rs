@@ -23,8 +23,19 @@ pub const MAP_POL_EP: &str = "fl_pol_ep_v1";
 pub const MAP_POL_RULES: &str = "fl_pol_rules_v1";
 pub const MAP_POL_CT: &str = "fl_pol_ct_v1";
 pub const MAP_POL_CONF: &str = "fl_pol_conf_v1";
+/// Ring buffer of [`FlowEvent`]s: new connections a verdict let through and
+/// every packet one dropped.
+pub const MAP_FLOWS: &str = "fl_flows_v1";
+/// Bytes of [`MAP_FLOWS`] (a power of two and a multiple of the page size).
+pub const FLOWS_BYTES: u32 = 1 << 20;
 
-pub const MAPS: [&str; 4] = [MAP_POL_EP, MAP_POL_RULES, MAP_POL_CT, MAP_POL_CONF];
+pub const MAPS: [&str; 5] = [
+    MAP_POL_EP,
+    MAP_POL_RULES,
+    MAP_POL_CT,
+    MAP_POL_CONF,
+    MAP_FLOWS,
+];
 
 const _: () = {
     let mut i = 0;
@@ -137,6 +148,37 @@ pub struct PolCtValue {
 
 const _: () = assert!(size_of::<PolCtValue>() == 16);
 
+/// [`FlowEvent::verdict`]: a new connection allowed.
+pub const VERDICT_FORWARDED: u8 = 0;
+/// [`FlowEvent::verdict`]: a packet dropped.
+pub const VERDICT_DROPPED: u8 = 1;
+
+/// One flow event from the datapath (see [`MAP_FLOWS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+    /// The pod on this node.
+    pub endpoint: [u32; 4],
+    pub peer: [u32; 4],
+    /// Network byte order.
+    pub endpoint_port: u16,
+    pub peer_port: u16,
+    pub proto: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`], from the endpoint's side.
+    pub dir: u8,
+    /// [`VERDICT_FORWARDED`] or [`VERDICT_DROPPED`].
+    pub verdict: u8,
+    /// For drops: the `lb::Stat` counted (the drop reason).
+    pub reason: u8,
+    /// The policy id whose rule allowed it (0: the pod is not isolated, or a drop).
+    pub policy: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<FlowEvent>() == 56);
+
 /// Index in [`MAP_POL_CONF`]: enforcement on (1) or off (0). Off, every
 /// packet passes (no agent programs policy); on, a packet of a pod the agent
 /// has not programmed is dropped (fail closed).
@@ -159,4 +201,6 @@ mod user {
     unsafe impl aya::Pod for PolCtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolCtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowEvent {}
 }

@@ -17,9 +17,10 @@ use std::{
 use aya::maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError};
 use fairlead_ebpf_common::policy::{
     EndpointValue, PolCtKey, PolCtValue, PortRule, RuleKey, RuleValue, CONF_ENFORCE, DIR_EGRESS,
-    DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, MAP_POL_CONF, MAP_POL_CT, MAP_POL_EP,
+    DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, MAP_POL_CONF, MAP_POL_EP,
     MAP_POL_RULES, MAX_RULES_PER_PREFIX, RULE_KEY_FIXED_BITS,
 };
+pub use fairlead_ebpf_common::policy::{FlowEvent, VERDICT_DROPPED, VERDICT_FORWARDED};
 
 use crate::{lb::table::map_addr, Error};
 
@@ -397,7 +398,40 @@ impl PolicyMaps {
     }
 }
 
-pub(crate) const POLICY_MAPS: [&str; 4] = [MAP_POL_EP, MAP_POL_RULES, MAP_POL_CONF, MAP_POL_CT];
+pub(crate) const POLICY_MAPS: [&str; 5] = fairlead_ebpf_common::policy::MAPS;
+
+/// The datapath's flow events (`fl_flows_v1`), read by one consumer (the
+/// agent). Poll [`FlowReader::as_raw_fd`] for readability, then [`FlowReader::drain`].
+pub struct FlowReader {
+    ring: aya::maps::RingBuf<MapData>,
+}
+
+impl FlowReader {
+    pub(crate) fn new(ring: aya::maps::RingBuf<MapData>) -> Self {
+        Self { ring }
+    }
+
+    /// Hands every event waiting to `f`; the number handed.
+    pub fn drain(&mut self, mut f: impl FnMut(FlowEvent)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel wrote a FlowEvent (plain integers, any bit
+                // pattern valid); read unaligned from the ring's memory.
+                let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+                f(event);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl std::os::fd::AsRawFd for FlowReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -286,3 +286,35 @@ fn tightening_a_policy_never_opens_what_both_deny() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn verdicts_become_flow_events() -> anyhow::Result<()> {
+    let mut lb = load()?;
+    let mut reader = lb.take_flow_reader().expect("one reader");
+    let policy = EndpointPolicy {
+        ingress_isolated: true,
+        ingress: compile(&[RuleInstance {
+            prefix: prefix("10.244.2.0/24"),
+            except: vec![],
+            ports: vec![port_rule(TCP, 80, 80, 7)],
+        }]),
+        ..Default::default()
+    };
+    lb.set_endpoint_policy(pod_ip(), &policy)?;
+    into_pod(&lb, "10.244.2.5:40000", "10.244.1.5:80", TCP)?;
+    into_pod(&lb, "10.244.3.5:40000", "10.244.1.5:80", TCP)?;
+    let mut events = Vec::new();
+    reader.drain(|e| events.push(e));
+    assert_eq!(events.len(), 2, "{events:?}");
+    let allowed = &events[0];
+    assert_eq!(allowed.verdict, fairlead_ebpf::policy::VERDICT_FORWARDED);
+    assert_eq!(allowed.policy, 7, "the deciding policy");
+    assert_eq!(u16::from_be(allowed.endpoint_port), 80);
+    let dropped = &events[1];
+    assert_eq!(dropped.verdict, fairlead_ebpf::policy::VERDICT_DROPPED);
+    assert_eq!(
+        fairlead_ebpf::lb::STAT_NAMES[dropped.reason as usize],
+        "policy_denied_ingress"
+    );
+    Ok(())
+}

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use fairlead_ebpf_common::{lb::*, policy::*, str_eq};
 
@@ -19,6 +19,10 @@ const _: () = assert!(str_eq("fl_pol_ep_v1", MAP_POL_EP));
 const _: () = assert!(str_eq("fl_pol_rules_v1", MAP_POL_RULES));
 const _: () = assert!(str_eq("fl_pol_ct_v1", MAP_POL_CT));
 const _: () = assert!(str_eq("fl_pol_conf_v1", MAP_POL_CONF));
+const _: () = assert!(str_eq("fl_flows_v1", MAP_FLOWS));
+
+#[map(name = "fl_flows_v1")]
+static FLOWS: RingBuf = RingBuf::with_byte_size(FLOWS_BYTES, 0);
 
 #[map(name = "fl_pol_ep_v1")]
 static ENDPOINTS: HashMap<[u32; 4], EndpointValue> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -58,9 +62,10 @@ fn is_node(a: &[u32; 4]) -> bool {
     false
 }
 
-/// Whether the rules allow `peer` on (`proto`, `port` in host byte order).
+/// Whether the rules allow `peer` on (`proto`, `port` in host byte order):
+/// the id of the policy whose rule did.
 #[inline(always)]
-fn rules_allow(dir: u8, endpoint: &[u32; 4], peer: &[u32; 4], proto: u8, port: u16) -> bool {
+fn rules_allow(dir: u8, endpoint: &[u32; 4], peer: &[u32; 4], proto: u8, port: u16) -> Option<u32> {
     let key = Key::new(
         RULE_KEY_FIXED_BITS + 128,
         RuleKey {
@@ -71,9 +76,7 @@ fn rules_allow(dir: u8, endpoint: &[u32; 4], peer: &[u32; 4], proto: u8, port: u
             peer: *peer,
         },
     );
-    let Some(value) = RULES.get(&key) else {
-        return false;
-    };
+    let value = RULES.get(&key)?;
     let n = value.count as usize;
     let mut i = 0;
     while i < MAX_RULES_PER_PREFIX {
@@ -82,11 +85,43 @@ fn rules_allow(dir: u8, endpoint: &[u32; 4], peer: &[u32; 4], proto: u8, port: u
         }
         let r = &value.rules[i];
         if (r.proto == 0 || r.proto == proto) && r.port_lo <= port && port <= r.port_hi {
-            return true;
+            return Some(r.policy);
         }
         i += 1;
     }
-    false
+    None
+}
+
+/// One connection as the endpoint sees it.
+struct Flow<'a> {
+    dir: u8,
+    endpoint: &'a [u32; 4],
+    peer: &'a [u32; 4],
+    endpoint_port: u16,
+    peer_port: u16,
+    proto: u8,
+}
+
+/// Reports one verdict to userspace; a full ring buffer costs the event,
+/// never the packet.
+#[inline(always)]
+fn emit(f: &Flow<'_>, verdict: u8, reason: Stat, policy: u32, now: u64) {
+    let event = FlowEvent {
+        ts_ns: now,
+        endpoint: *f.endpoint,
+        peer: *f.peer,
+        endpoint_port: f.endpoint_port,
+        peer_port: f.peer_port,
+        proto: f.proto,
+        dir: f.dir,
+        verdict,
+        reason: reason as u8,
+        policy,
+        _pad: 0,
+    };
+    if FLOWS.output::<FlowEvent>(&event, 0).is_err() {
+        count(Stat::FlowEventsLost);
+    }
 }
 
 /// The verdict for one packet of `endpoint` (a pod on this node) with
@@ -107,10 +142,19 @@ pub fn allowed(
     if CONF.get(CONF_ENFORCE).copied().unwrap_or(0) == 0 {
         return true;
     }
+    let flow = Flow {
+        dir,
+        endpoint,
+        peer,
+        endpoint_port,
+        peer_port,
+        proto,
+    };
     // SAFETY: copied out at once.
     let Some(ep) = (unsafe { ENDPOINTS.get(endpoint) }).copied() else {
         // A pod the agent has not programmed: fail closed.
         count(Stat::PolicyUnknownEndpoint);
+        emit(&flow, VERDICT_DROPPED, Stat::PolicyUnknownEndpoint, 0, now);
         return false;
     };
     let key = PolCtKey {
@@ -143,9 +187,10 @@ pub fn allowed(
     } else {
         ep.flags & EP_F_EGRESS_ISOLATED != 0
     };
-    let pass = !isolated
-        || (dir == DIR_INGRESS && (is_node(peer) || is_hairpin(peer)))
-        || rules_allow(
+    let decided = if !isolated || (dir == DIR_INGRESS && (is_node(peer) || is_hairpin(peer))) {
+        Some(0)
+    } else {
+        rules_allow(
             dir,
             endpoint,
             peer,
@@ -155,15 +200,19 @@ pub fn allowed(
             } else {
                 peer_port
             }),
-        );
-    if !pass {
-        count(if dir == DIR_INGRESS {
+        )
+    };
+    let Some(policy) = decided else {
+        let reason = if dir == DIR_INGRESS {
             Stat::PolicyDeniedIngress
         } else {
             Stat::PolicyDeniedEgress
-        });
+        };
+        count(reason);
+        emit(&flow, VERDICT_DROPPED, reason, 0, now);
         return false;
-    }
+    };
+    emit(&flow, VERDICT_FORWARDED, Stat::NewFlow, policy, now);
     let value = PolCtValue {
         expires_ns: now + lifetime_ns(proto, ct_flags),
         dir,

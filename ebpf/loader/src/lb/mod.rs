@@ -32,10 +32,10 @@ use fairlead_ebpf_common::lb::{
     SockRevKey, SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT,
     MAP_MAGLEV, MAP_NODE, MAP_SOCK_FWD, MAP_SOCK_REV, MAP_STATS, MAP_SVC, NODE_ADDR_V4,
     NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6, PROG_FROM_NET, PROG_FROM_POD, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT, STAT_NAMES,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT,
 };
 
-pub use fairlead_ebpf_common::lb::Scope;
+pub use fairlead_ebpf_common::lb::{Scope, STAT_NAMES};
 pub use table::{ApplyReport, BackendAddr, Frontend, FrontendKey, LbMaps, Proto, ServiceTable};
 
 use crate::{
@@ -200,6 +200,7 @@ pub struct Lb {
     ebpf: Ebpf,
     maps: KernelMaps,
     policy: crate::policy::PolicyMaps,
+    flows: Option<crate::policy::FlowReader>,
     table: ServiceTable,
     persistence: Persistence,
     closed: bool,
@@ -311,12 +312,25 @@ impl Lb {
                 take_hash(&mut ebpf, MAP_POL_CT, &pin_dir)?,
             )
         };
+        let flows = {
+            use fairlead_ebpf_common::policy::MAP_FLOWS;
+            let ring = ebpf
+                .take_map(MAP_FLOWS)
+                .ok_or(Error::MapMissing { map: MAP_FLOWS })?;
+            crate::policy::FlowReader::new(aya::maps::RingBuf::try_from(ring).map_err(|e| {
+                Error::PinnedMapMismatch {
+                    path: pin_dir.join(MAP_FLOWS),
+                    detail: e.to_string(),
+                }
+            })?)
+        };
         let mut lb = Self {
             instance: instance.to_owned(),
             pin_dir,
             ebpf,
             maps,
             policy,
+            flows: Some(flows),
             table: ServiceTable::new(),
             persistence,
             closed: false,
@@ -403,6 +417,11 @@ impl Lb {
     /// Forgets a pod address (its packets fail closed from then on).
     pub fn remove_endpoint_policy(&mut self, ip: std::net::IpAddr) -> Result<(), Error> {
         self.policy.remove_endpoint(ip)
+    }
+
+    /// The flow-event reader (once; the agent's reader task owns it).
+    pub fn take_flow_reader(&mut self) -> Option<crate::policy::FlowReader> {
+        self.flows.take()
     }
 
     /// Pod addresses with programmed policy.

@@ -219,14 +219,16 @@ pub struct ServiceTable {
     backend_ids: Ids,
 }
 
-pub(crate) fn map_addr(addr: IpAddr) -> [u32; 4] {
+/// An address in the maps' 16-byte form.
+pub fn map_addr(addr: IpAddr) -> [u32; 4] {
     match addr {
         IpAddr::V4(a) => mapped_v4(a.octets()),
         IpAddr::V6(a) => from_v6(a.octets()),
     }
 }
 
-pub(crate) fn unmap_addr(addr: &[u32; 4]) -> IpAddr {
+/// The address stored in a map's 16-byte form (IPv4-mapped for IPv4).
+pub fn unmap_addr(addr: &[u32; 4]) -> IpAddr {
     let mut bytes = [0u8; 16];
     for (i, w) in addr.iter().enumerate() {
         bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
