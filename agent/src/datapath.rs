@@ -296,6 +296,11 @@ impl Datapath {
             lb.lb.policy_endpoints().len(),
         );
         gauge(
+            "fairlead_policy_write_failures",
+            "NetworkPolicy writes that failed (a full map); each left its pod denied (fail closed).",
+            lb.lb.policy_failures() as usize,
+        );
+        gauge(
             "fairlead_service_frontends",
             "Service frontends programmed.",
             lb.lb.table().len(),

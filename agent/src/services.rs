@@ -460,7 +460,14 @@ impl ServiceLb {
         let mut ops = 0;
         for (ip, key) in &want {
             let policy = self.endpoint_policy(snapshot, key, *ip);
-            let report = self.lb.set_endpoint_policy(*ip, &policy)?;
+            let report = match self.lb.set_endpoint_policy(*ip, &policy) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The pod is left closed both ways; the others still get theirs.
+                    warn!(pod = %key, %ip, error = %e, "NetworkPolicy could not be programmed; the pod's traffic is denied until it can");
+                    continue;
+                }
+            };
             for (_, _, prefix) in &report.overflow {
                 warn!(pod = %key, %ip, %prefix, "more port rules for one peer prefix than the policy map holds; that peer is denied (fail closed)");
             }

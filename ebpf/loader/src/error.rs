@@ -165,7 +165,7 @@ pub enum Error {
         source: Box<ProgramError>,
     },
 
-    #[error("writing map {map} failed: {source}; the map may be full (raise its max_entries in fairlead-ebpf-common::lb) or the kernel refused the entry")]
+    #[error("writing map {map} failed: {source}; if the map is full, raise its size (the MAX_* constant next to {map} in fairlead-ebpf-common, then rebuild and restart the agent)")]
     MapWrite {
         map: &'static str,
         #[source]

@@ -201,6 +201,7 @@ pub(crate) struct PolicyMaps {
     pub ct: BpfHashMap<MapData, PolCtKey, PolCtValue>,
     /// What the maps hold, per endpoint address.
     programmed: HashMap<IpAddr, EndpointPolicy>,
+    failures: u64,
 }
 
 fn err(map: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -236,6 +237,7 @@ impl PolicyMaps {
             conf,
             ct,
             programmed: HashMap::new(),
+            failures: 0,
         };
         maps.adopt();
         maps
@@ -284,7 +286,36 @@ impl PolicyMaps {
         self.programmed.keys()
     }
 
+    /// Programs one endpoint. If a write fails (a full map), the endpoint is
+    /// left isolated both ways (fail closed: only rules already written can
+    /// allow anything) and the error returned.
     pub fn set_endpoint(
+        &mut self,
+        ip: IpAddr,
+        want: &EndpointPolicy,
+    ) -> Result<PolicyReport, Error> {
+        match self.try_set_endpoint(ip, want) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let closed = EndpointValue {
+                    flags: EP_F_INGRESS_ISOLATED | EP_F_EGRESS_ISOLATED,
+                    _pad: 0,
+                };
+                let _ = self.ep.insert(map_addr(ip), closed, 0);
+                // Unknown state: the next call rewrites everything.
+                self.programmed.remove(&ip);
+                self.failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes that failed so far (each left its endpoint closed).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    fn try_set_endpoint(
         &mut self,
         ip: IpAddr,
         want: &EndpointPolicy,

@@ -318,3 +318,36 @@ fn verdicts_become_flow_events() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_full_rule_map_fails_closed() -> anyhow::Result<()> {
+    let mut lb = load()?;
+    lb.set_endpoint_policy(pod_ip(), &EndpointPolicy::open())?;
+    assert_eq!(into_pod(&lb, "10.200.0.1:40000", "10.244.1.5:80", TCP)?, OK);
+    // More peer prefixes than the rule map holds, each allowing port 80.
+    let limit = fairlead_ebpf_common::policy::MAX_RULE_PREFIXES;
+    let ingress = (0..limit + 16)
+        .map(|i| {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            (Prefix::host(ip), vec![port_rule(TCP, 80, 80, 1)])
+        })
+        .collect();
+    let huge = EndpointPolicy {
+        ingress_isolated: true,
+        ingress,
+        ..Default::default()
+    };
+    let err = lb.set_endpoint_policy(pod_ip(), &huge).unwrap_err();
+    assert!(err.to_string().contains("fl_pol_rules_v1"), "{err}");
+    assert!(
+        err.to_string().contains("MAX_"),
+        "says how to raise it: {err}"
+    );
+    assert_eq!(lb.policy_failures(), 1);
+    // The pod is closed: a peer the (unwritten) rules never allowed is denied, not let in.
+    assert_eq!(
+        into_pod(&lb, "10.200.0.1:40001", "10.244.1.5:80", TCP)?,
+        SHOT
+    );
+    Ok(())
+}

@@ -424,6 +424,11 @@ impl Lb {
         self.flows.take()
     }
 
+    /// Policy writes that failed (a full map); each left its pod closed.
+    pub fn policy_failures(&self) -> u64 {
+        self.policy.failures()
+    }
+
     /// Pod addresses with programmed policy.
     pub fn policy_endpoints(&self) -> Vec<std::net::IpAddr> {
         self.policy.endpoints().copied().collect()
