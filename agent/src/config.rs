@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub ipam_data_dir: PathBuf,
     /// The status socket. `FAIRLEAD_AGENT_SOCKET`, default `/run/fairlead/agent.sock`.
     pub socket: PathBuf,
+    /// HTTP `/metrics` for Prometheus, bound inside `netns`. `FAIRLEAD_AGENT_METRICS_LISTEN`
+    /// (default `0.0.0.0:9962`; `off` disables); the library default is off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Pod MTU. `FAIRLEAD_AGENT_MTU`; default: the underlay's MTU minus the mode's overhead.
     pub mtu: Option<u32>,
     /// Remove the CNI config when the agent stops. `FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN`,
@@ -90,6 +93,7 @@ impl AgentConfig {
             cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
             ipam_data_dir: DEFAULT_IPAM_DATA_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
+            metrics_listen: None,
             mtu: None,
             uninstall_cni_on_shutdown: false,
             service_lb: None,
@@ -165,6 +169,17 @@ impl AgentConfig {
         if let Some(v) = get(VAR_SOCKET) {
             config.socket = v.into();
         }
+        config.metrics_listen = match get(VAR_METRICS_LISTEN).as_deref() {
+            Some("off") => None,
+            Some(v) => Some(v.parse().map_err(|_| {
+                invalid(
+                    VAR_METRICS_LISTEN,
+                    v,
+                    "use ADDRESS:PORT (e.g. 0.0.0.0:9962) or off",
+                )
+            })?),
+            None => Some(std::net::SocketAddr::from(([0, 0, 0, 0], 9962))),
+        };
         if let Some(v) = get(VAR_MTU) {
             // 1280: the IPv6 minimum; pods are dual-stack.
             config.mtu = Some(parse_num::<u32>(VAR_MTU, &v, 1280, 65535)?);
@@ -231,6 +246,7 @@ const VAR_CNI_BIN_DIR: &str = "FAIRLEAD_AGENT_CNI_BIN_DIR";
 const VAR_CNI_CONF_DIR: &str = "FAIRLEAD_AGENT_CNI_CONF_DIR";
 const VAR_IPAM_DATA_DIR: &str = "FAIRLEAD_AGENT_IPAM_DATA_DIR";
 const VAR_SOCKET: &str = "FAIRLEAD_AGENT_SOCKET";
+const VAR_METRICS_LISTEN: &str = "FAIRLEAD_AGENT_METRICS_LISTEN";
 const VAR_MTU: &str = "FAIRLEAD_AGENT_MTU";
 const VAR_UNINSTALL_CNI_ON_SHUTDOWN: &str = "FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN";
 const VAR_SERVICE_LB: &str = "FAIRLEAD_AGENT_SERVICE_LB";

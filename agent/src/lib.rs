@@ -15,6 +15,7 @@ pub mod cni_install;
 pub mod config;
 pub mod datapath;
 pub mod flows;
+pub mod http;
 pub mod netns;
 pub mod policy;
 pub mod reaper;
@@ -155,6 +156,20 @@ impl Agent {
         if let Some(dp) = &datapath {
             server = server.with_datapath(dp.clone());
         }
+        let metrics = match (&datapath, config.metrics_listen) {
+            (Some(dp), Some(addr)) => {
+                let (netns, dp) = (config.netns.clone(), dp.clone());
+                Some(tokio::spawn(
+                    async move {
+                        if let Err(e) = http::serve(&netns, addr, dp).await {
+                            warn!(%addr, error = %e, "the metrics endpoint could not start");
+                        }
+                    }
+                    .in_current_span(),
+                ))
+            }
+            _ => None,
+        };
         let (stop_server, server_stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(
             server
@@ -192,6 +207,9 @@ impl Agent {
         }
         let _ = stop_server.send(());
         let _ = server.await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
         // What is still queued would otherwise wait for the next agent's start-up sweep.
         if !reaper.idle(REAPER_DRAIN).await {
             warn!(

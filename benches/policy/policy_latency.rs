@@ -79,7 +79,11 @@ fn main() {
         return;
     }
     // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (the sandbox makes namespaces)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (the sandbox makes namespaces)"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -149,10 +153,11 @@ async fn measure(sandbox: &Sandbox, name: &str) -> anyhow::Result<(Vec<Duration>
 
     let api: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
         kube::Api::namespaced(sandbox.client.clone(), "bench");
-    let deny: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "deny", "namespace": "bench"},
-        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]},
-    }))?;
+    let deny: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "deny", "namespace": "bench"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]},
+        }))?;
     let (mut apply, mut remove) = (Vec::new(), Vec::new());
     for i in 0..CHANGES {
         let creating = i % 2 == 0;

@@ -40,7 +40,8 @@ enum Cmd {
     /// its config, answers the plugin's STATUS. Configured by FAIRLEAD_AGENT_*
     /// variables; talks to the API server of KUBECONFIG or the in-cluster one.
     Agent,
-    /// Cluster DNS (Kubernetes DNS spec; forwarding and caching for the rest).
+    /// Cluster DNS (Kubernetes DNS spec; forwarding and caching for the rest),
+    /// with Prometheus metrics, /health and /ready over HTTP on :9153.
     /// Configured by FAIRLEAD_DNS_* variables; talks to the API server of
     /// KUBECONFIG or the in-cluster one.
     Dns,
@@ -125,12 +126,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Dns => {
             let config = fairlead_dns::Config::from_env()?;
+            let admin = config.admin_listen;
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the API server: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
             let cluster = fairlead_core::watch::spawn(client)?;
-            let server = fairlead_dns::Server::bind(config, cluster.subscribe()).await?;
-            tracing::info!(udp = %server.udp_addr(), tcp = %server.tcp_addr(), "cluster DNS serving");
+            let mut server = fairlead_dns::Server::bind(config, cluster.subscribe()).await?;
+            // Metrics, /health and /ready (FAIRLEAD_DNS_ADMIN_LISTEN, default :9153; off disables).
+            if let Some(addr) = admin {
+                server.start_admin(addr).await?;
+            }
+            tracing::info!(udp = %server.udp_addr(), tcp = %server.tcp_addr(), admin = ?server.admin_addr(), "cluster DNS serving");
             sandbox::wait_for_signal().await?;
             drop(server);
             drop(cluster);

@@ -20,7 +20,10 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
-    let pods: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let pods: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
     println!("start: {} KiB", rss_kib());
     let mut b = Snapshot::builder();
     for i in 0..10_000u32 {
@@ -50,11 +53,18 @@ fn main() {
     let mut index = Index::new(&IndexConfig {
         zone: "cluster.local".into(),
         ttl: 5,
-        reverse_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "10.244.0.0/16".parse().unwrap()],
+        reverse_cidrs: vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ],
     })
     .unwrap();
     let stats = index.apply(Arc::clone(&snap));
-    println!("index applied ({} names, {stats:?}): {} KiB", index.len(), rss_kib());
+    println!(
+        "index applied ({} names, {stats:?}): {} KiB",
+        index.len(),
+        rss_kib()
+    );
     // SAFETY: plain glibc call.
     unsafe { libc::malloc_trim(0) };
     println!("after malloc_trim: {} KiB", rss_kib());

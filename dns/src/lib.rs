@@ -39,6 +39,7 @@
 //!   and every test decodes our answers with it, an independent check of the hand-written
 //!   encoder.
 
+mod admin;
 mod config;
 mod forward;
 mod index;
@@ -51,7 +52,7 @@ mod wire;
 
 pub use config::{Config, ConfigError, ShedAction};
 pub use index::{Index, IndexConfig, UpdateStats};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{Metrics, MetricsSnapshot, UpstreamSnapshot};
 pub use records::SCHEMA_VERSION;
 pub use server::{Server, ServerError};
 pub use upstream::{NetworkUpstream, Upstream, UpstreamError};

@@ -1,10 +1,11 @@
 //! The server: UDP and TCP listeners answering from the index, forwarding the rest, following
-//! the cluster's snapshots.
+//! the cluster's snapshots; and, when started, the admin HTTP server (metrics, health,
+//! readiness).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fairlead_core::Snapshot;
 use hickory_proto::op::{Message, ResponseCode};
@@ -14,7 +15,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, ShedAction};
-use crate::forward::{self, Forwarder, ForwarderConfig, Pending, QuestionOnly};
+use crate::forward::{
+    self, Cached, Forwarder, ForwarderConfig, Pending, Prefetch, QuestionOnly, Stale,
+};
 use crate::index::{Index, IndexConfig, Lookup};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::upstream::{NetworkUpstream, Upstream};
@@ -30,6 +33,12 @@ pub enum ServerError {
     #[error("cannot bind DNS {transport} on {addr}: {source} (is another DNS server running there, or is the port privileged?)")]
     Bind {
         transport: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve DNS metrics, health and readiness on {addr}: {source} (is another process, e.g. CoreDNS, listening there? set FAIRLEAD_DNS_ADMIN_LISTEN to another address, or to off)")]
+    AdminBind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -50,15 +59,40 @@ pub(crate) enum Outcome {
 pub(crate) struct Shared {
     index: RwLock<Index>,
     ready: AtomicBool,
-    forwarder: Forwarder,
+    forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     inflight: Arc<Semaphore>,
+    max_inflight: usize,
     udp_size: u16,
     shed: ShedAction,
+    /// Listener loops (UDP workers and the TCP acceptor) started, and still running.
+    listeners: AtomicUsize,
+    listeners_live: AtomicUsize,
+}
+
+/// Counts a listener loop as live until it ends (returns, panics or is aborted).
+struct Listening(Arc<Shared>);
+
+impl Listening {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.listeners.fetch_add(1, Relaxed);
+        shared.listeners_live.fetch_add(1, Relaxed);
+        Listening(Arc::clone(shared))
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listeners_live.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Shared {
-    pub(crate) fn new(config: &Config, upstream: Arc<dyn Upstream>) -> Result<Self, ServerError> {
+    /// With `upstream` `None`, the upstreams of `config` are used (and counted per server).
+    pub(crate) fn new(
+        config: &Config,
+        upstream: Option<Arc<dyn Upstream>>,
+    ) -> Result<Self, ServerError> {
         config.validate()?;
         let index = Index::new(&IndexConfig {
             zone: config.zone.clone(),
@@ -70,26 +104,89 @@ impl Shared {
             value: config.zone.clone(),
             reason: "not a DNS name".into(),
         })?;
-        let metrics = Arc::new(Metrics::default());
+        let timeout = config.upstream_timeout();
+        let mut counted = Vec::new();
+        let upstream = upstream.unwrap_or_else(|| {
+            let network = NetworkUpstream::new(config.upstreams.clone(), timeout);
+            counted.extend(
+                network
+                    .stats()
+                    .iter()
+                    .map(|s| (".".to_owned(), Arc::clone(s))),
+            );
+            Arc::new(network)
+        });
+        let mut stubs: Vec<(Vec<u8>, Arc<dyn Upstream>)> = Vec::new();
+        for stub in config.stub_zones()? {
+            let network = NetworkUpstream::new(stub.servers, timeout);
+            counted.extend(
+                network
+                    .stats()
+                    .iter()
+                    .map(|s| (stub.text.clone(), Arc::clone(s))),
+            );
+            stubs.push((stub.name, Arc::new(network)));
+        }
+        let metrics = Arc::new(Metrics::new(counted));
+        let inflight = Arc::new(Semaphore::new(config.max_inflight));
         Ok(Shared {
             index: RwLock::new(index),
             ready: AtomicBool::new(false),
-            forwarder: Forwarder::new(
+            forwarder: Arc::new(Forwarder::new(
                 upstream,
+                stubs,
                 ForwarderConfig {
                     max_entries: config.cache_entries,
                     positive_cap: config.cache_positive_ttl,
                     negative_cap: config.cache_negative_ttl,
                     stale_window: Duration::from_secs(config.serve_stale.into()),
                     udp_size: config.edns_udp_size,
+                    prefetch: Prefetch::new(config.prefetch_amount, config.prefetch_percent),
                 },
+                Arc::clone(&inflight),
                 Arc::clone(&metrics),
-            ),
+            )),
             metrics,
-            inflight: Arc::new(Semaphore::new(config.max_inflight)),
+            inflight,
+            max_inflight: config.max_inflight,
             udp_size: config.edns_udp_size,
             shed: config.shed,
+            listeners: AtomicUsize::new(0),
+            listeners_live: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether the first ready snapshot has been applied.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed)
+    }
+
+    /// Generation of the snapshot the answers reflect, and the names the index holds.
+    pub(crate) fn index_state(&self) -> (u64, usize) {
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        (index.applied().generation, index.len())
+    }
+
+    /// (listener loops started, still running).
+    pub(crate) fn listeners(&self) -> (usize, usize) {
+        (
+            self.listeners.load(Relaxed),
+            self.listeners_live.load(Relaxed),
+        )
+    }
+
+    /// (forwarded queries and prefetches in flight, the bound).
+    pub(crate) fn inflight(&self) -> (usize, usize) {
+        let free = self.inflight.available_permits();
+        (self.max_inflight.saturating_sub(free), self.max_inflight)
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn cached_answers(&self) -> usize {
+        self.forwarder.cached()
     }
 
     /// Applies a snapshot to the index (ignored until the snapshot is ready).
@@ -212,9 +309,9 @@ impl Shared {
         }
     }
 
-    /// The answer to a forwarded query, truncated for UDP when it does not fit.
-    pub(crate) async fn forward(&self, p: &Pending, udp: bool) -> Vec<u8> {
-        let (full, rcode) = self.forwarder.resolve(p).await;
+    /// A forwarded answer for the client: rcode counted, truncated for UDP when it does not
+    /// fit.
+    fn finish(&self, p: &Pending, full: Vec<u8>, rcode: u16, udp: bool) -> Vec<u8> {
         self.metrics.response_code(rcode);
         let limit = self.size_limit(p, udp);
         if full.len() > limit {
@@ -222,6 +319,22 @@ impl Shared {
             return forward::truncate(&full, &p.question_only(), self.udp_size);
         }
         full
+    }
+
+    /// The answer to a forwarded query from the cache, when it has a fresh one. Takes no
+    /// in-flight slot: only queries that wait for an upstream count against the bound.
+    pub(crate) fn forward_cached(&self, p: &Pending, udp: bool) -> Result<Vec<u8>, Stale> {
+        match self.forwarder.from_cache(p) {
+            Cached::Hit(full, rcode) => Ok(self.finish(p, full, rcode, udp)),
+            Cached::Miss(stale) => Err(stale),
+        }
+    }
+
+    /// The answer to a forwarded query the cache did not have, from upstream (the caller
+    /// holds an in-flight slot).
+    pub(crate) async fn forward(&self, p: &Pending, stale: Stale, udp: bool) -> Vec<u8> {
+        let (full, rcode) = self.forwarder.fetch(p, stale).await;
+        self.finish(p, full, rcode, udp)
     }
 
     /// Completes a CNAME answer (`partial`, written for TCP size) with what the forwarder has
@@ -289,11 +402,12 @@ fn question_len(msg: &[u8]) -> usize {
     (at + 4).min(msg.len()).saturating_sub(12)
 }
 
-/// A running DNS server. Dropping it stops every task it started.
+/// A running DNS server. Dropping it stops every task it started (the admin server too).
 pub struct Server {
     shared: Arc<Shared>,
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -308,25 +422,28 @@ impl Drop for Server {
 impl Server {
     /// Binds UDP and TCP on `config.listen`, forwards to `config.upstreams`, and follows
     /// `snapshots` (answers for the cluster zone are SERVFAIL until the first ready snapshot).
+    ///
+    /// The admin HTTP server (`config.admin_listen`) is not started here, so that tests and
+    /// embedders binding many servers do not contend for its port: call
+    /// [`Server::start_admin`], as `fairlead dns` does.
     pub async fn bind(
         config: Config,
         snapshots: watch::Receiver<Arc<Snapshot>>,
     ) -> Result<Server, ServerError> {
-        let upstream = Arc::new(NetworkUpstream::new(
-            config.upstreams.clone(),
-            config.upstream_timeout(),
-        ));
-        Self::bind_with_upstream(config, snapshots, upstream).await
+        let (udp, tcp) = bind_pair(config.listen).await?;
+        Self::serve(config, snapshots, None, udp, tcp)
     }
 
-    /// As [`Server::bind`], with the given upstream (tests put a fake one here).
+    /// As [`Server::bind`], with the given upstream for names outside the cluster zone and
+    /// the stub domains (tests put a fake one here; stub domains still use their servers).
+    /// Its servers have no per-upstream series in the metrics.
     pub async fn bind_with_upstream(
         config: Config,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Server, ServerError> {
         let (udp, tcp) = bind_pair(config.listen).await?;
-        Self::serve(config, snapshots, upstream, udp, tcp)
+        Self::serve(config, snapshots, Some(upstream), udp, tcp)
     }
 
     /// Serves on sockets the caller bound (e.g. inside another network namespace, as the
@@ -337,10 +454,6 @@ impl Server {
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
     ) -> Result<Server, ServerError> {
-        let upstream = Arc::new(NetworkUpstream::new(
-            config.upstreams.clone(),
-            config.upstream_timeout(),
-        ));
         let wrap = |transport, source| ServerError::Bind {
             transport,
             addr: config.listen,
@@ -350,13 +463,13 @@ impl Server {
         tcp.set_nonblocking(true).map_err(|e| wrap("TCP", e))?;
         let udp = UdpSocket::from_std(udp).map_err(|e| wrap("UDP", e))?;
         let tcp = TcpListener::from_std(tcp).map_err(|e| wrap("TCP", e))?;
-        Self::serve(config, snapshots, upstream, udp, tcp)
+        Self::serve(config, snapshots, None, udp, tcp)
     }
 
     fn serve(
         config: Config,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
-        upstream: Arc<dyn Upstream>,
+        upstream: Option<Arc<dyn Upstream>>,
         udp: UdpSocket,
         tcp: TcpListener,
     ) -> Result<Server, ServerError> {
@@ -388,23 +501,83 @@ impl Server {
             n => n,
         };
         for _ in 0..workers {
+            let live = Listening::new(&shared);
             tasks.push(tokio::spawn(udp_loop(
                 Arc::clone(&shared),
                 Arc::clone(&udp),
+                live,
             )));
         }
+        let live = Listening::new(&shared);
         tasks.push(tokio::spawn(tcp_loop(
             Arc::clone(&shared),
             tcp,
             Arc::new(Semaphore::new(config.max_tcp_connections)),
+            live,
         )));
         tracing::info!(%udp_addr, %tcp_addr, zone = %config.zone, "DNS server listening");
         Ok(Server {
             shared,
             udp_addr,
             tcp_addr,
+            admin_addr: None,
             tasks,
         })
+    }
+
+    /// Starts the admin HTTP server on `addr` (`config.admin_listen`; CoreDNS's metrics port
+    /// is 9153): `GET /metrics` (Prometheus text format), `/health` (200 while every UDP and
+    /// TCP listener runs) and `/ready` (200 once the first complete snapshot of the cluster
+    /// is applied, 503 with the reason before). It stops when the server is dropped. Returns
+    /// the bound address (useful with port 0).
+    pub async fn start_admin(&mut self, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::AdminBind { addr, source })?;
+        self.serve_admin(listener, addr)
+    }
+
+    /// As [`Server::start_admin`], on a listener the caller bound (e.g. inside a pod's network
+    /// namespace). Must run inside a Tokio runtime.
+    pub fn start_admin_on(
+        &mut self,
+        listener: std::net::TcpListener,
+    ) -> Result<SocketAddr, ServerError> {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let wrap = |source| ServerError::AdminBind { addr, source };
+        listener.set_nonblocking(true).map_err(wrap)?;
+        let listener = TcpListener::from_std(listener).map_err(wrap)?;
+        self.serve_admin(listener, addr)
+    }
+
+    fn serve_admin(
+        &mut self,
+        listener: TcpListener,
+        addr: SocketAddr,
+    ) -> Result<SocketAddr, ServerError> {
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ServerError::AdminBind { addr, source })?;
+        self.tasks.push(tokio::spawn(crate::admin::serve(
+            Arc::clone(&self.shared),
+            listener,
+        )));
+        self.admin_addr = Some(bound);
+        tracing::info!(admin = %bound, "DNS metrics, health and readiness over HTTP");
+        Ok(bound)
+    }
+
+    /// Where the admin HTTP server listens, once started.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Whether the first complete snapshot of the cluster has been applied (what `/ready`
+    /// reports).
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
     }
 
     pub fn udp_addr(&self) -> SocketAddr {
@@ -421,17 +594,12 @@ impl Server {
 
     /// Generation of the snapshot the answers reflect.
     pub fn applied_generation(&self) -> u64 {
-        self.shared
-            .index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .applied()
-            .generation
+        self.shared.index_state().0
     }
 
     /// Forwarded answers currently cached.
     pub fn cached_answers(&self) -> usize {
-        self.shared.forwarder.cached()
+        self.shared.cached_answers()
     }
 }
 
@@ -470,7 +638,13 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerE
     }))
 }
 
-async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
+/// A chase shed at the in-flight bound still gives its CNAME answer, as far as it goes.
+fn chase_shed(shared: &Shared) {
+    shared.metrics.shed.fetch_add(1, Relaxed);
+    shared.metrics.response(Rcode::NoError);
+}
+
+async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, _live: Listening) {
     let mut buf = vec![0u8; 65535];
     let mut out = Vec::with_capacity(4096);
     loop {
@@ -481,41 +655,68 @@ async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
                 continue;
             }
         };
-        let outcome = shared.handle(&buf[..n], &mut out, true);
-        let is_chase = matches!(outcome, Outcome::Chase(_));
-        match outcome {
+        // Latency is from here to the answer handed to the socket (every answer is timed;
+        // dropped packets are not).
+        let start = Instant::now();
+        match shared.handle(&buf[..n], &mut out, true) {
             Outcome::Reply => {
                 let _ = socket.send_to(&out, peer).await;
+                shared.metrics.latency(start.elapsed());
             }
             Outcome::Drop => {}
-            Outcome::Forward(p) | Outcome::Chase(p) => {
-                match Arc::clone(&shared.inflight).try_acquire_owned() {
+            Outcome::Forward(p) => match shared.forward_cached(&p, true) {
+                Ok(answer) => {
+                    let _ = socket.send_to(&answer, peer).await;
+                    shared.metrics.latency(start.elapsed());
+                }
+                Err(stale) => match Arc::clone(&shared.inflight).try_acquire_owned() {
                     Ok(permit) => {
                         let shared = Arc::clone(&shared);
                         let socket = Arc::clone(&socket);
-                        let partial = is_chase.then(|| out.clone());
                         tokio::spawn(async move {
-                            let answer = match partial {
-                                Some(partial) => shared.chase(&partial, &p, true).await,
-                                None => shared.forward(&p, true).await,
-                            };
+                            let answer = shared.forward(&p, stale, true).await;
                             let _ = socket.send_to(&answer, peer).await;
+                            shared.metrics.latency(start.elapsed());
                             drop(permit);
                         });
                     }
                     Err(_) => {
-                        // Shed; a chase still has its CNAME answer to give.
-                        if is_chase || shared.shed(&p, &mut out) {
+                        if shared.shed(&p, &mut out) {
                             let _ = socket.send_to(&out, peer).await;
+                            shared.metrics.latency(start.elapsed());
                         }
                     }
+                },
+            },
+            Outcome::Chase(p) => match Arc::clone(&shared.inflight).try_acquire_owned() {
+                Ok(permit) => {
+                    let shared = Arc::clone(&shared);
+                    let socket = Arc::clone(&socket);
+                    let partial = out.clone();
+                    tokio::spawn(async move {
+                        let answer = shared.chase(&partial, &p, true).await;
+                        let _ = socket.send_to(&answer, peer).await;
+                        shared.metrics.latency(start.elapsed());
+                        drop(permit);
+                    });
                 }
-            }
+                Err(_) => {
+                    // Shed; the CNAME answer is still worth giving.
+                    chase_shed(&shared);
+                    let _ = socket.send_to(&out, peer).await;
+                    shared.metrics.latency(start.elapsed());
+                }
+            },
         }
     }
 }
 
-async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, conns: Arc<Semaphore>) {
+async fn tcp_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    conns: Arc<Semaphore>,
+    _live: Listening,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -549,6 +750,7 @@ async fn tcp_conn(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()>
         tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let start = Instant::now();
         let answer: &[u8] = match shared.handle(&buf, &mut out, false) {
             Outcome::Reply => &out,
             Outcome::Drop => continue,
@@ -557,24 +759,34 @@ async fn tcp_conn(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()>
                     out = shared.chase(&out, &p, false).await;
                     &out
                 }
-                Err(_) => &out,
-            },
-            Outcome::Forward(p) => match Arc::clone(&shared.inflight).try_acquire_owned() {
-                Ok(_permit) => {
-                    out = shared.forward(&p, false).await;
-                    &out
-                }
                 Err(_) => {
-                    if !shared.shed(&p, &mut out) {
-                        continue;
-                    }
+                    chase_shed(shared);
                     &out
                 }
+            },
+            Outcome::Forward(p) => match shared.forward_cached(&p, false) {
+                Ok(answer) => {
+                    out = answer;
+                    &out
+                }
+                Err(stale) => match Arc::clone(&shared.inflight).try_acquire_owned() {
+                    Ok(_permit) => {
+                        out = shared.forward(&p, stale, false).await;
+                        &out
+                    }
+                    Err(_) => {
+                        if !shared.shed(&p, &mut out) {
+                            continue;
+                        }
+                        &out
+                    }
+                },
             },
         };
         let mut framed = Vec::with_capacity(2 + answer.len());
         framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
         framed.extend_from_slice(answer);
         stream.write_all(&framed).await?;
+        shared.metrics.latency(start.elapsed());
     }
 }

@@ -1,12 +1,16 @@
 //! Upstream DNS servers, behind a trait so tests can put a fake one in.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{timeout, Instant};
+
+use crate::metrics::UpstreamStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -37,15 +41,27 @@ pub trait Upstream: Send + Sync + 'static {
 }
 
 /// Real upstreams over the network: UDP first, TCP when the answer comes back truncated; each
-/// server in order until one answers.
+/// server in order until one answers. Each server's requests, timeouts and errors are counted
+/// (the server's `/metrics` shows them per upstream).
 pub struct NetworkUpstream {
-    servers: Vec<SocketAddr>,
+    servers: Vec<Arc<UpstreamStats>>,
     timeout: Duration,
 }
 
 impl NetworkUpstream {
     pub fn new(servers: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Self { servers, timeout }
+        Self {
+            servers: servers
+                .into_iter()
+                .map(|s| Arc::new(UpstreamStats::new(s)))
+                .collect(),
+            timeout,
+        }
+    }
+
+    /// The counters of each server, in the order they are tried.
+    pub(crate) fn stats(&self) -> &[Arc<UpstreamStats>] {
+        &self.servers
     }
 
     async fn udp(&self, server: SocketAddr, query: &[u8]) -> Result<Vec<u8>, UpstreamError> {
@@ -127,10 +143,21 @@ impl Upstream for NetworkUpstream {
     fn exchange<'a>(&'a self, query: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, UpstreamError>> {
         Box::pin(async move {
             let mut last = UpstreamError::NoUpstreams;
-            for &server in &self.servers {
+            for stats in &self.servers {
+                let server = stats.addr;
+                stats.requests.fetch_add(1, Relaxed);
                 match self.one(server, query).await {
-                    Ok(answer) => return Ok(answer),
+                    Ok(answer) => {
+                        stats.up.store(true, Relaxed);
+                        return Ok(answer);
+                    }
                     Err(e) => {
+                        let counter = match e {
+                            UpstreamError::Timeout { .. } => &stats.timeouts,
+                            _ => &stats.errors,
+                        };
+                        counter.fetch_add(1, Relaxed);
+                        stats.up.store(false, Relaxed);
                         tracing::debug!(%server, error = %e, "upstream failed; trying the next");
                         last = e;
                     }

@@ -84,6 +84,11 @@ pub fn start(
     lb.keep_pins = true;
     lb.pod_cgroup = Some(crate::cgroup::create_node(&cfg.name, &node.name)?);
     config.service_lb = Some(lb);
+    // Prometheus at the node's address, as a DaemonSet's hostNetwork pod serves it.
+    config.metrics_listen = Some(std::net::SocketAddr::new(
+        node.underlay_v4.into(),
+        fairlead_agent::http::METRICS_PORT,
+    ));
     if let Some(parent) = config.socket.parent() {
         std::fs::create_dir_all(parent)?;
     }

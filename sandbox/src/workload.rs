@@ -32,6 +32,8 @@ pub struct Workload {
 /// the echo servers.
 pub const DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
 pub const DNS_PORT: u16 = 53;
+/// The DNS pod's metrics and health port (CoreDNS's).
+pub const DNS_ADMIN_PORT: u16 = 9153;
 
 /// Runs `fairlead dns` in pod namespace `ns`: UDP and TCP port 53 bound inside the pod,
 /// answering from the sandbox's snapshots. No upstream: the sandbox has no internet, so
@@ -45,10 +47,11 @@ pub fn start_dns(
         pod: id.pod.clone(),
         source: e,
     };
-    let (udp, tcp) = netns::run_in(ns, || -> std::io::Result<_> {
+    let (udp, tcp, admin) = netns::run_in(ns, || -> std::io::Result<_> {
         Ok((
             std::net::UdpSocket::bind(any(DNS_PORT))?,
             std::net::TcpListener::bind(any(DNS_PORT))?,
+            std::net::TcpListener::bind(any(DNS_ADMIN_PORT))?,
         ))
     })?
     .map_err(fail)?;
@@ -57,7 +60,11 @@ pub fn start_dns(
         udp_workers: 1,
         ..Default::default()
     };
-    let server = fairlead_dns::Server::serve_sockets(config, snapshots, udp, tcp)
+    let mut server = fairlead_dns::Server::serve_sockets(config, snapshots, udp, tcp)
+        .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    // /metrics, /health, /ready, as CoreDNS serves them on 9153.
+    server
+        .start_admin_on(admin)
         .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
     Ok(Workload {
         tasks: Vec::new(),

@@ -632,6 +632,24 @@ async fn clusterip_nodeport_affinity_hairpin_and_rejects() {
                 );
             }
 
+            // The agent's Prometheus endpoint at the node's address.
+            let metrics = netns::run_in(&ext, || {
+                let mut s = TcpStream::connect("172.30.0.11:9962")?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node-1\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                std::io::Result::Ok(body)
+            })
+            .unwrap()
+            .expect("metrics answered");
+            assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+            assert!(
+                metrics
+                    .contains("fairlead_datapath_events_total{node=\"node-1\",event=\"new_flow\"}"),
+                "{metrics}"
+            );
+
             // externalIPs, and a second Service claiming the same one: skipped with an
             // Event, the first keeps working.
             let ext_ip: SocketAddr = "192.0.2.50:80".parse().unwrap();
