@@ -1,0 +1,126 @@
+//! The mesh CA against the embedded API server (real TokenRequest and TokenReview through
+//! kube-rs): a workload gets exactly its own SPIFFE identity, nobody else's; bad tokens are
+//! refused; the CA survives a restart through its Secret; a root rotation keeps the old root
+//! trusted for the overlap.
+
+use std::time::Duration;
+
+use fairlead_apiserver::{ApiServer, ServerConfig};
+use fairlead_controller::{new_key_and_csr, CertIssuer, IssueError, IssuerConfig, SpiffeId};
+use serde_json::json;
+use x509_parser::prelude::*;
+
+async fn start() -> anyhow::Result<(ApiServer, kube::Client)> {
+    let server = ApiServer::start("127.0.0.1:0".parse()?, ServerConfig::default()).await?;
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse()?))?;
+    for obj in [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cart", "namespace": "shop"}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "admin", "namespace": "shop"}}),
+    ] {
+        server.create(obj)?;
+    }
+    Ok((server, client))
+}
+
+fn ders(pem: &str) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.expect("PEM").contents)
+        .collect()
+}
+
+/// Whether the chain's leaf is signed by one of the bundle's roots.
+fn verifies(chain: &str, bundle: &str) -> bool {
+    let chain = ders(chain);
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).expect("leaf");
+    ders(bundle).iter().any(|root| {
+        let (_, root) = X509Certificate::from_der(root).expect("root");
+        leaf.verify_signature(Some(root.public_key())).is_ok()
+    })
+}
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", ns, sa)
+}
+
+#[tokio::test]
+async fn workloads_get_their_own_identity_and_nobody_elses() -> anyhow::Result<()> {
+    let (server, client) = start().await?;
+    let ca = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+    let token = server.issue_token("shop", "cart", &[], Duration::from_secs(3600))?;
+    let (_key, csr) = new_key_and_csr()?;
+
+    let issued = ca.issue(&token, &csr, &id("shop", "cart")).await?;
+    assert!(verifies(&issued.chain_pem, &issued.bundle_pem));
+    let leaf = ders(&issued.chain_pem);
+    let (_, cert) = X509Certificate::from_der(&leaf[0])?;
+    let san = cert
+        .subject_alternative_name()?
+        .expect("a SAN")
+        .value
+        .general_names
+        .iter()
+        .map(|g| format!("{g}"))
+        .collect::<Vec<_>>();
+    assert_eq!(san, ["URI(spiffe://cluster.local/ns/shop/sa/cart)"]);
+
+    // The cart's token cannot buy the admin's identity.
+    let err = ca
+        .issue(&token, &csr, &id("shop", "admin"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, IssueError::Forbidden { proved, .. } if proved == "spiffe://cluster.local/ns/shop/sa/cart"),
+        "{err}"
+    );
+    // A forged or garbage token is refused by the API server's review.
+    let err = ca
+        .issue("not-a-token", &csr, &id("shop", "cart"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IssueError::Unauthenticated(_)), "{err}");
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let err = ca
+        .issue(&forged, &csr, &id("shop", "cart"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IssueError::Unauthenticated(_)), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ca_survives_a_restart_and_rotates_with_overlap() -> anyhow::Result<()> {
+    let (server, client) = start().await?;
+    let first = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+    let bundle = first.bundle();
+    let again = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+    assert_eq!(again.bundle(), bundle, "the same root from its Secret");
+
+    let token = server.issue_token("shop", "cart", &[], Duration::from_secs(3600))?;
+    let (_key, csr) = new_key_and_csr()?;
+    let before = again.issue(&token, &csr, &id("shop", "cart")).await?;
+
+    again.rotate(Duration::from_secs(3600)).await?;
+    let after = again.issue(&token, &csr, &id("shop", "cart")).await?;
+    assert_eq!(
+        ders(&after.bundle_pem).len(),
+        2,
+        "both roots during the overlap"
+    );
+    assert!(
+        verifies(&before.chain_pem, &after.bundle_pem),
+        "old leaves still trusted"
+    );
+    assert!(verifies(&after.chain_pem, &after.bundle_pem));
+    assert!(
+        !verifies(&after.chain_pem, &bundle),
+        "new leaves chain to the new root"
+    );
+
+    // A restarted controller sees the rotation, overlap included.
+    let third = CertIssuer::load_or_create(client, IssuerConfig::default()).await?;
+    assert_eq!(third.bundle(), again.bundle());
+    Ok(())
+}
