@@ -1,0 +1,13 @@
+//! `fairlead-proxy`, the mesh sidecar. Built so far: mutual TLS with SPIFFE identities
+//! ([`tls`]) and the two forwarding paths over opaque TCP ([`inbound`], [`outbound`]):
+//! inbound terminates mTLS, checks the client's identity and hands the bytes to the
+//! application on localhost; outbound originates mTLS to the peer's sidecar and checks that
+//! the peer is who the destination may be. Transparent interception, protocol detection
+//! (HTTP/1.1, HTTP/2, gRPC), identity headers, certificate rotation, the admin port and the
+//! agent socket come next (issue 7).
+
+pub mod inbound;
+pub mod outbound;
+pub mod tls;
+
+pub use tls::{spiffe_id, MeshTls, PeerId, TlsError};
