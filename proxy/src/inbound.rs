@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::rotation::CredentialStore;
 use crate::tls::{spiffe_id, MeshTls, PeerId};
 
 /// How long a client may take to finish the TLS handshake.
@@ -27,22 +28,21 @@ pub enum Authorization {
 /// Serves `listener` until the task is dropped: each accepted connection is handed to
 /// `app` once its client proved an allowed identity; `on_accept` sees that identity (the
 /// HTTP path passes it on as a header; tests record it).
+///
+/// Each handshake takes the credentials current in `creds`, so a renewed certificate is
+/// used from the next connection on while established ones carry on.
 pub async fn serve(
     listener: TcpListener,
-    tls: MeshTls,
+    creds: Arc<CredentialStore>,
     app: SocketAddr,
     authz: Authorization,
     on_accept: Arc<dyn Fn(&PeerId) + Send + Sync>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(
-        tls.server_config()
-            .map_err(|e| std::io::Error::other(e.to_string()))?,
-    );
     loop {
         let (stream, peer) = listener.accept().await?;
         let (acceptor, tls, authz, on_accept) = (
-            acceptor.clone(),
-            tls.clone(),
+            TlsAcceptor::from(creds.server_config()),
+            creds.tls(),
             authz.clone(),
             Arc::clone(&on_accept),
         );

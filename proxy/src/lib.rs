@@ -4,10 +4,13 @@
 //! application on localhost; outbound originates mTLS to the peer's sidecar and checks that
 //! the peer is who the destination may be. Transparent interception, protocol detection
 //! (HTTP/1.1, HTTP/2, gRPC), identity headers, certificate rotation, the admin port and the
-//! agent socket come next (issue 7).
+//! agent socket come next (issue 7). Certificates rotate through [`rotation`]: renewed at
+//! half their lifetime, new handshakes take the new one, and a failing CA leaves the proxy
+//! serving with its valid certificate while it retries with backoff.
 
 pub mod inbound;
 pub mod outbound;
+pub mod rotation;
 pub mod tls;
 
 pub use tls::{spiffe_id, MeshTls, PeerId, TlsError};

@@ -121,6 +121,19 @@ impl MeshTls {
         &self.id
     }
 
+    /// The leaf's validity window.
+    pub fn validity(&self) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(self.chain[0].as_ref())
+            .map_err(|e| TlsError::Chain(e.to_string()))?;
+        let at = |t: i64| {
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64)
+        };
+        Ok((
+            at(cert.validity().not_before.timestamp()),
+            at(cert.validity().not_after.timestamp()),
+        ))
+    }
+
     /// For the inbound side: a client certificate from the bundle is required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let verifier =

@@ -9,6 +9,7 @@ use std::time::Duration;
 use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
 use fairlead_proxy::inbound::{self, Authorization};
 use fairlead_proxy::outbound;
+use fairlead_proxy::rotation::CredentialStore;
 use fairlead_proxy::{MeshTls, PeerId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +30,13 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// An echo application, and a sidecar in front of it; returns the sidecar's address and the
 /// identities it accepted.
 async fn server(tls: MeshTls, authz: Authorization) -> (SocketAddr, Arc<Mutex<Vec<PeerId>>>) {
+    server_with(CredentialStore::new(tls).unwrap(), authz).await
+}
+
+async fn server_with(
+    creds: Arc<CredentialStore>,
+    authz: Authorization,
+) -> (SocketAddr, Arc<Mutex<Vec<PeerId>>>) {
     let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_addr = app.local_addr().unwrap();
     tokio::spawn(async move {
@@ -45,7 +53,7 @@ async fn server(tls: MeshTls, authz: Authorization) -> (SocketAddr, Arc<Mutex<Ve
     let record = Arc::clone(&seen);
     tokio::spawn(inbound::serve(
         sidecar,
-        tls,
+        creds,
         app_addr,
         authz,
         Arc::new(move |id: &PeerId| record.lock().unwrap().push(id.clone())),
