@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::admin::{label, Metrics};
 use crate::rotation::CredentialStore;
 use crate::tls::{spiffe_id, MeshTls, PeerId};
 
@@ -37,22 +38,34 @@ pub async fn serve(
     app: SocketAddr,
     authz: Authorization,
     on_accept: Arc<dyn Fn(&PeerId) + Send + Sync>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
-        let (acceptor, tls, authz, on_accept) = (
+        let (acceptor, tls, authz, on_accept, metrics) = (
             TlsAcceptor::from(creds.server_config()),
             creds.tls(),
             authz.clone(),
             Arc::clone(&on_accept),
+            Arc::clone(&metrics),
         );
         tokio::spawn(async move {
-            if let Err(reason) = handle(stream, acceptor, &tls, app, &authz, &*on_accept).await {
-                warn!(%peer, %reason, "inbound connection refused");
+            match handle(stream, acceptor, &tls, app, &authz, &*on_accept, &metrics).await {
+                Ok(_) => {}
+                Err((kind, reason)) => {
+                    metrics.inc(
+                        "fairlead_proxy_inbound_refused_total",
+                        label("reason", kind),
+                    );
+                    warn!(%peer, %reason, "inbound connection refused");
+                }
             }
         });
     }
 }
+
+/// Why a connection was refused: a metric label and a log line.
+type Refusal = (&'static str, String);
 
 async fn handle(
     stream: TcpStream,
@@ -61,13 +74,22 @@ async fn handle(
     app: SocketAddr,
     authz: &Authorization,
     on_accept: &(dyn Fn(&PeerId) + Send + Sync),
-) -> Result<(), String> {
+    metrics: &Metrics,
+) -> Result<PeerId, Refusal> {
     let mut tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
-        .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|_| {
+            (
+                "handshake_timeout",
+                format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            )
+        })?
         .map_err(|e| {
-            format!(
-                "TLS handshake failed (plaintext, or a certificate this mesh does not trust): {e}"
+            (
+                "handshake_failed",
+                format!(
+                    "TLS handshake failed (plaintext, or a certificate this mesh does not trust): {e}"
+                ),
             )
         })?;
     let id = tls_stream
@@ -76,22 +98,32 @@ async fn handle(
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(spiffe_id)
-        .ok_or("the client certificate has no SPIFFE ID")?;
+        .ok_or((
+            "no_identity",
+            "the client certificate has no SPIFFE ID".to_owned(),
+        ))?;
     let allowed = match authz {
         Authorization::TrustDomain => tls.same_trust_domain(&id),
         Authorization::Only(ids) => ids.contains(&id),
     };
     if !allowed {
-        return Err(format!("client {id} is not allowed here"));
+        return Err(("unauthorized", format!("client {id} is not allowed here")));
     }
     on_accept(&id);
-    let mut upstream = TcpStream::connect(app)
-        .await
-        .map_err(|e| format!("the application at {app} is not reachable: {e}"))?;
+    metrics.inc(
+        "fairlead_proxy_inbound_connections_total",
+        label("client", &id.0),
+    );
+    let mut upstream = TcpStream::connect(app).await.map_err(|e| {
+        (
+            "app_unreachable",
+            format!("the application at {app} is not reachable: {e}"),
+        )
+    })?;
     info!(client = %id, %app, "inbound connection");
     match tokio::io::copy_bidirectional(&mut tls_stream, &mut upstream).await {
         Ok((to_app, from_app)) => debug!(client = %id, to_app, from_app, "inbound closed"),
         Err(e) => debug!(client = %id, error = %e, "inbound ended"),
     }
-    Ok(())
+    Ok(id)
 }

@@ -8,6 +8,7 @@
 //! half their lifetime, new handshakes take the new one, and a failing CA leaves the proxy
 //! serving with its valid certificate while it retries with backoff.
 
+pub mod admin;
 pub mod inbound;
 pub mod outbound;
 pub mod rotation;

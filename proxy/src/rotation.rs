@@ -82,7 +82,8 @@ impl CredentialStore {
             .generation
     }
 
-    fn validity(&self) -> (SystemTime, SystemTime) {
+    /// When the current credentials were installed, and when their leaf expires.
+    pub fn validity_window(&self) -> (SystemTime, SystemTime) {
         let cur = self.inner.read().unwrap_or_else(|p| p.into_inner());
         (cur.installed, cur.not_after)
     }
@@ -130,7 +131,7 @@ pub async fn renew(
 ) {
     let mut wait_after_failure = backoff.first;
     loop {
-        let (nb, na) = store.validity();
+        let (nb, na) = store.validity_window();
         let half = nb + na.duration_since(nb).unwrap_or_default() / 2;
         let due = half.duration_since(SystemTime::now()).unwrap_or_default();
         tokio::time::sleep(due).await;
@@ -149,7 +150,7 @@ pub async fn renew(
                     break;
                 }
                 Err(e) => {
-                    let (_, not_after) = store.validity();
+                    let (_, not_after) = store.validity_window();
                     let left = not_after
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();

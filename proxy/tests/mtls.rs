@@ -57,6 +57,7 @@ async fn server_with(
         app_addr,
         authz,
         Arc::new(move |id: &PeerId| record.lock().unwrap().push(id.clone())),
+        fairlead_proxy::admin::Metrics::new(),
     ));
     (addr, seen)
 }
@@ -187,4 +188,77 @@ async fn a_server_with_the_wrong_identity_is_refused_by_the_client() {
         .await
         .unwrap_err();
     assert!(err.contains("not one this destination may have"), "{err}");
+}
+
+#[tokio::test]
+async fn the_admin_port_reports_readiness_metrics_and_config() {
+    use fairlead_proxy::admin::{self, Metrics, ProxyConfig as Config};
+    let ca = Ca::generate("cluster.local", DAY).unwrap();
+    let creds = CredentialStore::new(identity(&ca, "shop", "catalog", DAY)).unwrap();
+    let metrics = Metrics::new();
+    // A sidecar counting into `metrics`, in front of an app nobody needs to answer.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sidecar.local_addr().unwrap();
+    tokio::spawn(inbound::serve(
+        sidecar,
+        Arc::clone(&creds),
+        app_addr,
+        Authorization::TrustDomain,
+        Arc::new(|_| {}),
+        Arc::clone(&metrics),
+    ));
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&creds),
+        Arc::clone(&metrics),
+        Config {
+            inbound: Some(addr),
+            application: Some(app_addr),
+            mode: "strict".into(),
+            ..Default::default()
+        },
+    ));
+    let client = identity(&ca, "shop", "cart", DAY);
+    let _s = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let _ = plain.read(&mut [0u8; 16]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let get = |path: &'static str| async move {
+        let mut s = TcpStream::connect(admin_addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get("/live").await.starts_with("HTTP/1.1 200"));
+    let ready = get("/ready").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200")
+            && ready.contains("spiffe://cluster.local/ns/shop/sa/catalog"),
+        "{ready}"
+    );
+    let m = get("/metrics").await;
+    assert!(
+        m.contains("fairlead_proxy_inbound_connections_total{client=\"spiffe://cluster.local/ns/shop/sa/cart\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fairlead_proxy_inbound_refused_total{reason=\"handshake_failed\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("fairlead_proxy_certificate_generation 1"), "{m}");
+    let config = get("/config").await;
+    assert!(
+        config.contains("\"mode\":\"strict\"") && config.contains(&addr.to_string()),
+        "{config}"
+    );
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
 }

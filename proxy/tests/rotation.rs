@@ -99,6 +99,7 @@ async fn certificates_rotate_under_traffic_and_survive_a_failing_ca() {
         app_addr,
         Authorization::TrustDomain,
         Arc::new(|_| {}),
+        fairlead_proxy::admin::Metrics::new(),
     ));
 
     let client = credentials(
