@@ -10,7 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use tokio::io::AsyncWriteExt;
+
 use crate::admin::{label, Metrics};
+use crate::http;
 use crate::rotation::CredentialStore;
 use crate::tls::{spiffe_id, MeshTls, PeerId};
 
@@ -114,13 +117,38 @@ async fn handle(
         "fairlead_proxy_inbound_connections_total",
         label("client", &id.0),
     );
+    // What the client speaks: HTTP gets the identity header, the rest passes as bytes.
+    let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let (protocol, prefix) = http::detect(&mut tls_stream, alpn_h2, http::DETECT_WAIT)
+        .await
+        .map_err(|e| ("client_gone", format!("reading the first bytes: {e}")))?;
+    metrics.inc(
+        "fairlead_proxy_inbound_protocol_total",
+        label("protocol", &format!("{protocol:?}").to_lowercase()),
+    );
+    if protocol != http::Protocol::Opaque {
+        info!(client = %id, %app, ?protocol, "inbound HTTP connection");
+        return http::serve(
+            http::Prefixed::new(prefix, tls_stream),
+            protocol,
+            app,
+            id.0.clone(),
+        )
+        .await
+        .map(|()| id)
+        .map_err(|e| ("http", e));
+    }
     let mut upstream = TcpStream::connect(app).await.map_err(|e| {
         (
             "app_unreachable",
             format!("the application at {app} is not reachable: {e}"),
         )
     })?;
-    info!(client = %id, %app, "inbound connection");
+    upstream
+        .write_all(&prefix)
+        .await
+        .map_err(|e| ("app_unreachable", format!("writing to {app}: {e}")))?;
+    info!(client = %id, %app, "inbound TCP connection");
     match tokio::io::copy_bidirectional(&mut tls_stream, &mut upstream).await {
         Ok((to_app, from_app)) => debug!(client = %id, to_app, from_app, "inbound closed"),
         Err(e) => debug!(client = %id, error = %e, "inbound ended"),

@@ -1,0 +1,138 @@
+//! HTTP through the inbound sidecar: HTTP/1.1 (keep-alive) and HTTP/2 are detected after
+//! the mTLS handshake and every request reaches the application with the client's verified
+//! SPIFFE ID in `x-fairlead-client-id`, replacing whatever the client claimed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
+use fairlead_proxy::admin::Metrics;
+use fairlead_proxy::http::CLIENT_ID_HEADER;
+use fairlead_proxy::inbound::{self, Authorization};
+use fairlead_proxy::outbound;
+use fairlead_proxy::rotation::CredentialStore;
+use fairlead_proxy::MeshTls;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+fn identity(ca: &Ca, ns: &str, sa: &str) -> MeshTls {
+    let (key, csr) = new_key_and_csr().unwrap();
+    let leaf = ca
+        .issue(
+            &csr,
+            &SpiffeId::new(ca.trust_domain(), ns, sa),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    MeshTls::from_pem(&leaf.chain_pem, &key, ca.cert_pem()).unwrap()
+}
+
+/// Answers every request with the identity header it received and the HTTP version.
+async fn who(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let id = req
+        .headers()
+        .get(CLIENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "{id} {:?}",
+        req.version()
+    )))))
+}
+
+/// An application speaking HTTP/1.1 or HTTP/2 (prior knowledge), and a sidecar before it.
+async fn app_and_sidecar(ca: &Ca, h2: bool) -> SocketAddr {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let io = TokioIo::new(s);
+                let svc = hyper::service::service_fn(who);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            });
+        }
+    });
+    let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sidecar.local_addr().unwrap();
+    tokio::spawn(inbound::serve(
+        sidecar,
+        CredentialStore::new(identity(ca, "shop", "catalog")).unwrap(),
+        app_addr,
+        Authorization::TrustDomain,
+        Arc::new(|_| {}),
+        Metrics::new(),
+    ));
+    addr
+}
+
+fn forged(uri: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(uri)
+        .header(
+            CLIENT_ID_HEADER,
+            "spiffe://cluster.local/ns/kube-system/sa/admin",
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn body(resp: Response<Incoming>) -> String {
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn http1_requests_carry_the_verified_identity() {
+    let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+    let addr = app_and_sidecar(&ca, false).await;
+    let client = identity(&ca, "shop", "cart");
+    let tls = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Two requests on one keep-alive connection, both claiming to be someone else.
+    for path in ["/a", "/b"] {
+        let resp = sender.send_request(forged(path)).await.unwrap();
+        assert_eq!(
+            body(resp).await,
+            "spiffe://cluster.local/ns/shop/sa/cart HTTP/1.1"
+        );
+    }
+}
+
+#[tokio::test]
+async fn http2_and_grpc_style_requests_carry_the_verified_identity() {
+    let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+    let addr = app_and_sidecar(&ca, true).await;
+    let client = identity(&ca, "shop", "cart");
+    let tls = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = forged("http://catalog/shop.Catalog/List");
+    *req.method_mut() = hyper::Method::POST;
+    req.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(
+        body(resp).await,
+        "spiffe://cluster.local/ns/shop/sa/cart HTTP/2.0"
+    );
+}
