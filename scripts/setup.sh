@@ -9,7 +9,7 @@
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
-PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 build-essential pkg-config iputils-ping curl util-linux containernetworking-plugins podman runc busybox-static python3)
+PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 build-essential pkg-config iputils-ping curl util-linux containernetworking-plugins podman runc busybox-static python3 nftables)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

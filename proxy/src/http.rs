@@ -17,7 +17,6 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 /// The header that carries the client's SPIFFE ID to the application.
@@ -168,11 +167,13 @@ pub async fn serve<S>(
     protocol: Protocol,
     app: SocketAddr,
     client_id: String,
+    dialer: &crate::transparent::Dialer,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let upstream = TcpStream::connect(app)
+    let upstream = dialer
+        .connect(app, false)
         .await
         .map_err(|e| format!("the application at {app} is not reachable: {e}"))?;
     let id = Arc::new(

@@ -16,9 +16,20 @@ use crate::admin::{label, Metrics};
 use crate::http;
 use crate::rotation::CredentialStore;
 use crate::tls::{spiffe_id, MeshTls, PeerId};
+use crate::transparent::Dialer;
 
 /// How long a client may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the application listens.
+#[derive(Debug, Clone, Copy)]
+pub enum AppTarget {
+    /// One fixed address.
+    Fixed(SocketAddr),
+    /// Localhost at the port the client asked for (transparent interception: the
+    /// connection's original destination).
+    OriginalPort,
+}
 
 /// Who may connect.
 #[derive(Debug, Clone)]
@@ -38,22 +49,46 @@ pub enum Authorization {
 pub async fn serve(
     listener: TcpListener,
     creds: Arc<CredentialStore>,
-    app: SocketAddr,
+    app: AppTarget,
     authz: Authorization,
     on_accept: Arc<dyn Fn(&PeerId) + Send + Sync>,
     metrics: Arc<Metrics>,
+    dialer: Dialer,
 ) -> std::io::Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
-        let (acceptor, tls, authz, on_accept, metrics) = (
+        let (acceptor, tls, authz, on_accept, metrics, dialer) = (
             TlsAcceptor::from(creds.server_config()),
             creds.tls(),
             authz.clone(),
             Arc::clone(&on_accept),
             Arc::clone(&metrics),
+            dialer.clone(),
         );
         tokio::spawn(async move {
-            match handle(stream, acceptor, &tls, app, &authz, &*on_accept, &metrics).await {
+            let app = match app {
+                AppTarget::Fixed(a) => a,
+                AppTarget::OriginalPort => match crate::transparent::original_dst(&stream) {
+                    Ok(orig) if orig.is_ipv4() => SocketAddr::from(([127, 0, 0, 1], orig.port())),
+                    Ok(orig) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, orig.port())),
+                    Err(e) => {
+                        warn!(%peer, error = %e, "inbound connection without an original destination (not intercepted?)");
+                        return;
+                    }
+                },
+            };
+            match handle(
+                stream,
+                acceptor,
+                &tls,
+                app,
+                &authz,
+                &*on_accept,
+                &metrics,
+                &dialer,
+            )
+            .await
+            {
                 Ok(_) => {}
                 Err((kind, reason)) => {
                     metrics.inc(
@@ -70,6 +105,7 @@ pub async fn serve(
 /// Why a connection was refused: a metric label and a log line.
 type Refusal = (&'static str, String);
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     stream: TcpStream,
     acceptor: TlsAcceptor,
@@ -78,6 +114,7 @@ async fn handle(
     authz: &Authorization,
     on_accept: &(dyn Fn(&PeerId) + Send + Sync),
     metrics: &Metrics,
+    dialer: &Dialer,
 ) -> Result<PeerId, Refusal> {
     let mut tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
@@ -133,12 +170,13 @@ async fn handle(
             protocol,
             app,
             id.0.clone(),
+            dialer,
         )
         .await
         .map(|()| id)
         .map_err(|e| ("http", e));
     }
-    let mut upstream = TcpStream::connect(app).await.map_err(|e| {
+    let mut upstream = dialer.connect(app, false).await.map_err(|e| {
         (
             "app_unreachable",
             format!("the application at {app} is not reachable: {e}"),

@@ -14,5 +14,6 @@ pub mod inbound;
 pub mod outbound;
 pub mod rotation;
 pub mod tls;
+pub mod transparent;
 
 pub use tls::{spiffe_id, MeshTls, PeerId, TlsError};

@@ -13,6 +13,7 @@ use fairlead_proxy::http::CLIENT_ID_HEADER;
 use fairlead_proxy::inbound::{self, Authorization};
 use fairlead_proxy::outbound;
 use fairlead_proxy::rotation::CredentialStore;
+use fairlead_proxy::transparent::Dialer;
 use fairlead_proxy::MeshTls;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -72,10 +73,11 @@ async fn app_and_sidecar(ca: &Ca, h2: bool) -> SocketAddr {
     tokio::spawn(inbound::serve(
         sidecar,
         CredentialStore::new(identity(ca, "shop", "catalog")).unwrap(),
-        app_addr,
+        inbound::AppTarget::Fixed(app_addr),
         Authorization::TrustDomain,
         Arc::new(|_| {}),
         Metrics::new(),
+        Dialer::here(),
     ));
     addr
 }
@@ -100,7 +102,9 @@ async fn http1_requests_carry_the_verified_identity() {
     let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
     let addr = app_and_sidecar(&ca, false).await;
     let client = identity(&ca, "shop", "cart");
-    let tls = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let tls = outbound::connect(&client, addr, vec![], &Dialer::here())
+        .await
+        .unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -120,7 +124,9 @@ async fn http2_and_grpc_style_requests_carry_the_verified_identity() {
     let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
     let addr = app_and_sidecar(&ca, true).await;
     let client = identity(&ca, "shop", "cart");
-    let tls = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let tls = outbound::connect(&client, addr, vec![], &Dialer::here())
+        .await
+        .unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
             .await

@@ -10,6 +10,7 @@ use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
 use fairlead_proxy::inbound::{self, Authorization};
 use fairlead_proxy::outbound;
 use fairlead_proxy::rotation::CredentialStore;
+use fairlead_proxy::transparent::Dialer;
 use fairlead_proxy::{MeshTls, PeerId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,10 +55,11 @@ async fn server_with(
     tokio::spawn(inbound::serve(
         sidecar,
         creds,
-        app_addr,
+        inbound::AppTarget::Fixed(app_addr),
         authz,
         Arc::new(move |id: &PeerId| record.lock().unwrap().push(id.clone())),
         fairlead_proxy::admin::Metrics::new(),
+        Dialer::here(),
     ));
     (addr, seen)
 }
@@ -67,7 +69,7 @@ async fn echo_through(
     addr: SocketAddr,
     expected: Vec<PeerId>,
 ) -> Result<String, String> {
-    let mut s = outbound::connect(client, addr, expected)
+    let mut s = outbound::connect(client, addr, expected, &Dialer::here())
         .await
         .map_err(|e| e.to_string())?;
     s.write_all(b"hello mesh")
@@ -204,10 +206,11 @@ async fn the_admin_port_reports_readiness_metrics_and_config() {
     tokio::spawn(inbound::serve(
         sidecar,
         Arc::clone(&creds),
-        app_addr,
+        inbound::AppTarget::Fixed(app_addr),
         Authorization::TrustDomain,
         Arc::new(|_| {}),
         Arc::clone(&metrics),
+        Dialer::here(),
     ));
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin_listener.local_addr().unwrap();
@@ -223,7 +226,9 @@ async fn the_admin_port_reports_readiness_metrics_and_config() {
         },
     ));
     let client = identity(&ca, "shop", "cart", DAY);
-    let _s = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let _s = outbound::connect(&client, addr, vec![], &Dialer::here())
+        .await
+        .unwrap();
     let mut plain = TcpStream::connect(addr).await.unwrap();
     plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let _ = plain.read(&mut [0u8; 16]).await;

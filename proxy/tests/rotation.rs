@@ -12,6 +12,7 @@ use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
 use fairlead_proxy::inbound::{self, Authorization};
 use fairlead_proxy::outbound;
 use fairlead_proxy::rotation::{renew, Backoff, CertSource, CredentialStore, Fetched};
+use fairlead_proxy::transparent::Dialer;
 use fairlead_proxy::MeshTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -96,10 +97,11 @@ async fn certificates_rotate_under_traffic_and_survive_a_failing_ca() {
     tokio::spawn(inbound::serve(
         sidecar,
         Arc::clone(&store),
-        app_addr,
+        inbound::AppTarget::Fixed(app_addr),
         Authorization::TrustDomain,
         Arc::new(|_| {}),
         fairlead_proxy::admin::Metrics::new(),
+        Dialer::here(),
     ));
 
     let client = credentials(
@@ -107,14 +109,16 @@ async fn certificates_rotate_under_traffic_and_survive_a_failing_ca() {
         &SpiffeId::new("cluster.local", "shop", "cart"),
         Duration::from_secs(3600),
     );
-    let mut long_lived = outbound::connect(&client, addr, vec![]).await.unwrap();
+    let mut long_lived = outbound::connect(&client, addr, vec![], &Dialer::here())
+        .await
+        .unwrap();
     assert!(roundtrip(&mut long_lived).await);
 
     // Steady traffic, a new connection every 20 ms, across several rotations.
     let (mut ok, mut failed) = (0, Vec::new());
     let end = Instant::now() + Duration::from_secs(4);
     while Instant::now() < end {
-        match outbound::connect(&client, addr, vec![]).await {
+        match outbound::connect(&client, addr, vec![], &Dialer::here()).await {
             Ok(mut s) => {
                 if roundtrip(&mut s).await {
                     ok += 1;
