@@ -54,7 +54,13 @@ pub fn nft_ruleset(skip_inbound: &[u16]) -> String {
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
     let fd = stream.as_raw_fd();
-    if stream.local_addr()?.is_ipv4() {
+    // A dual-stack listener sees IPv4 connections as IPv4-mapped IPv6; their original
+    // destination is IPv4 conntrack's (SOL_IP works on such a socket).
+    let v4 = match stream.local_addr()? {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    if v4 {
         // SAFETY: sockaddr_in is plain data; getsockopt fills at most `len` bytes of it.
         unsafe {
             let mut addr: libc::sockaddr_in = std::mem::zeroed();

@@ -133,6 +133,7 @@ impl Sandbox {
                 client.clone(),
             )));
         }
+        let mesh = tryf!(crate::mesh::Mesh::start(client.clone(), cluster.subscribe()).await);
         let kubelets: Vec<Kubelet> = topology
             .nodes
             .iter()
@@ -148,6 +149,7 @@ impl Sandbox {
                 );
                 k.cgroup = crate::cgroup::node_dir(&config.name, &n.name);
                 k.snapshots = Some(cluster.subscribe());
+                k.mesh = Some(mesh.clone());
                 k
             })
             .collect();

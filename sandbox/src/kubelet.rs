@@ -33,6 +33,7 @@ struct RunningPod {
     namespace: String,
     name: String,
     _workload: Workload,
+    _sidecar: Option<crate::mesh::Sidecar>,
 }
 
 pub struct Kubelet {
@@ -50,6 +51,8 @@ pub struct Kubelet {
     node_ready: Option<bool>,
     /// The node's cgroup; each pod gets a child named like its namespace.
     pub cgroup: Option<PathBuf>,
+    /// The mesh (CA), for pods that ask for a sidecar.
+    pub mesh: Option<std::sync::Arc<crate::mesh::Mesh>>,
     /// Snapshots for pods that run the cluster DNS.
     pub snapshots: Option<tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>>>,
 }
@@ -60,6 +63,8 @@ struct Declared {
     dns: bool,
     /// Container ports: each gets an echo server.
     ports: Vec<(u16, fairlead_core::Protocol)>,
+    /// The pod, when it asked for a mesh sidecar.
+    sidecar: Option<std::sync::Arc<fairlead_core::Pod>>,
 }
 
 /// The namespace a sandbox pod lives in.
@@ -109,6 +114,7 @@ impl Kubelet {
             node_ready: None,
             cgroup: None,
             snapshots: None,
+            mesh: None,
         }
     }
 
@@ -255,7 +261,15 @@ impl Kubelet {
                 let ports = p.ports.iter().map(|c| (c.port, c.protocol)).collect();
                 (
                     p.uid.clone(),
-                    (p.namespace.clone(), p.name.clone(), Declared { dns, ports }),
+                    (
+                        p.namespace.clone(),
+                        p.name.clone(),
+                        Declared {
+                            dns,
+                            ports,
+                            sidecar: crate::mesh::injected(p).then(|| std::sync::Arc::clone(p)),
+                        },
+                    ),
                 )
             })
             .collect();
@@ -346,11 +360,24 @@ impl Kubelet {
         pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
         tracing::info!(node = %self.node, pod = %format!("{namespace}/{name}"), ips = ?ips, "pod running");
+        let sidecar =
+            match (&self.mesh, &declared.sidecar) {
+                (Some(mesh), Some(pod)) => {
+                    Some(mesh.start_sidecar(&ns, pod).await.map_err(|e| {
+                        crate::Error::Workload {
+                            pod: name.into(),
+                            source: std::io::Error::other(format!("sidecar: {e:#}")),
+                        }
+                    })?)
+                }
+                _ => None,
+            };
         Ok(RunningPod {
             netns: ns,
             namespace: namespace.into(),
             name: name.into(),
             _workload: workload,
+            _sidecar: sidecar,
         })
     }
 

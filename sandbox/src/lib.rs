@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod endpoints;
 pub mod kubelet;
+pub mod mesh;
 pub mod netns;
 pub mod topology;
 pub mod workload;

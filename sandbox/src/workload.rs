@@ -136,11 +136,18 @@ pub fn start(
     let who = id.clone();
     let app = axum::Router::new().fallback(
         move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+              headers: axum::http::HeaderMap,
               uri: axum::http::Uri| {
             let who = who.clone();
             async move {
+                // The mesh identity of the caller, when a sidecar vouched for it.
+                let identity = headers
+                    .get("x-fairlead-client-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
                 format!(
-                    "pod={} namespace={} node={} client={} path={}\n",
+                    "pod={} namespace={} node={} client={} path={} identity={identity}\n",
                     who.pod,
                     who.namespace,
                     who.node,

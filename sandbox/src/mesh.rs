@@ -1,0 +1,322 @@
+//! The mesh in the sandbox: pods annotated `fairlead.io/inject: "true"` get a
+//! `fairlead-proxy` sidecar, run by the kubelet inside the pod's namespace as a container
+//! runtime would run the injected container.
+//!
+//! The sandbox is the mesh CA's home (a `fairlead-controller` `CertIssuer` against the
+//! sandbox's API server, its root in the Secret `fairlead-system/fairlead-ca`). Each sidecar
+//! proves its pod's ServiceAccount with a token from TokenRequest and gets a certificate
+//! for its own key. Interception is the proxy's nftables ruleset in the pod's namespace.
+//! Outbound connections are routed from the cluster snapshot: a ClusterIP or pod address
+//! whose endpoint is a meshed pod becomes mTLS to that pod, checked against its
+//! ServiceAccount's identity; anything else passes in the clear.
+//!
+//! Not the production path yet: on a real node the proxy gets its certificate and routes
+//! from the node agent's socket; here the kubelet hands them over in-process.
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
+use fairlead_core::{Pod, PortRef, Snapshot};
+use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
+use fairlead_proxy::inbound::{self, AppTarget, Authorization};
+use fairlead_proxy::outbound::{self, Route};
+use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
+use fairlead_proxy::transparent::{nft_ruleset, Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use fairlead_proxy::{MeshTls, PeerId};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+
+use crate::netns;
+
+/// The annotation that asks for a sidecar (the injection webhook's, on a real cluster).
+pub const INJECT_ANNOTATION: &str = "fairlead.io/inject";
+
+/// Whether a pod asked for a sidecar.
+pub fn injected(pod: &Pod) -> bool {
+    pod.annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("true")
+}
+
+/// The mesh's control plane in the sandbox: the CA.
+pub struct Mesh {
+    issuer: Arc<CertIssuer>,
+    client: kube::Client,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// A running sidecar; dropping it stops its listeners (the pod's namespace goes with it).
+pub struct Sidecar {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub identity: PeerId,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Mesh {
+    pub async fn start(
+        client: kube::Client,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let issuer = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+        Ok(Arc::new(Self {
+            issuer: Arc::new(issuer),
+            client,
+            snapshots,
+        }))
+    }
+
+    /// The identity the mesh gives `pod`.
+    pub fn identity_of(&self, pod: &Pod) -> SpiffeId {
+        SpiffeId::new(
+            &self.issuer.config().trust_domain,
+            &pod.namespace,
+            &pod.service_account,
+        )
+    }
+
+    /// Issues the pod's certificate and starts its sidecar inside `pod_netns`.
+    pub async fn start_sidecar(
+        self: &Arc<Self>,
+        pod_netns: &str,
+        pod: &Pod,
+    ) -> anyhow::Result<Sidecar> {
+        let id = self.identity_of(pod);
+        let source = Arc::new(PodSource {
+            mesh: Arc::clone(self),
+            id: id.clone(),
+        });
+        let (key, csr) = new_key_and_csr()?;
+        let fetched = source
+            .fetch(&csr)
+            .await
+            .map_err(|e| anyhow::anyhow!("issuing {id}: {e}"))?;
+        let creds = CredentialStore::new(MeshTls::from_pem(
+            &fetched.chain_pem,
+            &key,
+            &fetched.bundle_pem,
+        )?)?;
+
+        let (inbound_l, outbound_l, admin_l) =
+            netns::run_in(pod_netns, || -> std::io::Result<_> {
+                let bind = |port: u16| {
+                    let l = std::net::TcpListener::bind(SocketAddr::from((
+                        std::net::Ipv6Addr::UNSPECIFIED,
+                        port,
+                    )))?;
+                    l.set_nonblocking(true)?;
+                    Ok::<_, std::io::Error>(l)
+                };
+                Ok((bind(INBOUND_PORT)?, bind(OUTBOUND_PORT)?, bind(ADMIN_PORT)?))
+            })??;
+        nft_in(pod_netns, &nft_ruleset(&[]))?;
+
+        let dialer = Dialer::in_netns(std::fs::File::open(netns::path(pod_netns))?)?;
+        let metrics = Metrics::new();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn({
+            let (creds, metrics, dialer) =
+                (Arc::clone(&creds), Arc::clone(&metrics), dialer.clone());
+            async move {
+                let _ = inbound::serve(
+                    tokio::net::TcpListener::from_std(inbound_l).expect("tokio listener"),
+                    creds,
+                    AppTarget::OriginalPort,
+                    Authorization::TrustDomain,
+                    Arc::new(|_| {}),
+                    metrics,
+                    dialer,
+                )
+                .await;
+            }
+        }));
+        let snapshots = self.snapshots.clone();
+        let td = self.issuer.config().trust_domain.clone();
+        tasks.push(tokio::spawn({
+            let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
+            async move {
+                let route = Arc::new(move |orig: SocketAddr| route(&snapshots.borrow(), &td, orig));
+                let _ = outbound::serve_transparent(
+                    tokio::net::TcpListener::from_std(outbound_l).expect("tokio listener"),
+                    creds,
+                    route,
+                    metrics,
+                    dialer,
+                )
+                .await;
+            }
+        }));
+        tasks.push(tokio::spawn({
+            let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
+            async move {
+                admin::serve(
+                    tokio::net::TcpListener::from_std(admin_l).expect("tokio listener"),
+                    creds,
+                    metrics,
+                    ProxyConfig {
+                        inbound: Some(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))),
+                        outbound: Some(SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT))),
+                        application: None,
+                        mode: "strict".into(),
+                    },
+                )
+                .await;
+            }
+        }));
+        tasks.push(tokio::spawn(rotation::renew(
+            creds,
+            source,
+            || new_key_and_csr().map_err(|e| e.to_string()),
+            rotation::Backoff::default(),
+        )));
+        Ok(Sidecar {
+            tasks,
+            identity: PeerId(id.uri()),
+        })
+    }
+
+    async fn token(&self, namespace: &str, service_account: &str) -> anyhow::Result<String> {
+        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), namespace);
+        let request = k8s_openapi::api::authentication::v1::TokenRequest {
+            spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                audiences: vec![],
+                expiration_seconds: Some(3600),
+                bound_object_ref: None,
+            },
+            ..Default::default()
+        };
+        let resp = api
+            .create_token_request(service_account, &PostParams::default(), &request)
+            .await?;
+        resp.status.map(|s| s.token).ok_or_else(|| {
+            anyhow::anyhow!("TokenRequest for {namespace}/{service_account} returned no token")
+        })
+    }
+}
+
+/// The CA as a renewal source for one pod: a fresh token, then the CSR.
+struct PodSource {
+    mesh: Arc<Mesh>,
+    id: SpiffeId,
+}
+
+impl CertSource for PodSource {
+    fn fetch<'a>(
+        &'a self,
+        csr_pem: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let token = self
+                .mesh
+                .token(&self.id.namespace, &self.id.service_account)
+                .await
+                .map_err(|e| e.to_string())?;
+            let issued = self
+                .mesh
+                .issuer
+                .issue(&token, csr_pem, &self.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Fetched {
+                chain_pem: issued.chain_pem,
+                bundle_pem: issued.bundle_pem,
+            })
+        })
+    }
+}
+
+fn nft_in(pod_netns: &str, ruleset: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", pod_netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft in {pod_netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Where an intercepted connection to `orig` goes: a meshed pod (directly, or the meshed
+/// endpoint of a Service) gets mTLS with its identity; the rest passes in the clear.
+fn route(snap: &Snapshot, trust_domain: &str, orig: SocketAddr) -> Route {
+    let meshed_pod = |ip: IpAddr| {
+        snap.pods()
+            .values()
+            .find(|p| p.ips.contains(&ip) && injected(p))
+            .map(|p| PeerId(SpiffeId::new(trust_domain, &p.namespace, &p.service_account).uri()))
+    };
+    if let Some(id) = meshed_pod(orig.ip()) {
+        return Route::Mesh {
+            endpoint: orig,
+            expected: vec![id],
+        };
+    }
+    // A Service address: pick a ready endpoint (random for now).
+    for svc in snap.services().values() {
+        if !svc.cluster_ips.ips().contains(&orig.ip()) {
+            continue;
+        }
+        let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
+            continue;
+        };
+        let key = fairlead_core::ObjectKey::new(&svc.namespace, &svc.name);
+        let mut candidates = Vec::new();
+        for slice in snap.endpoint_slices_of(&key) {
+            let Some(sp) = slice.ports.iter().find(|p| p.name == port.name) else {
+                continue;
+            };
+            let target = sp.port.unwrap_or(match port.target_port {
+                PortRef::Number(n) => n,
+                PortRef::Name(_) => port.port,
+            });
+            for ep in slice.endpoints.iter().filter(|e| e.conditions.ready) {
+                for ip in ep
+                    .addresses
+                    .iter()
+                    .filter(|a| a.is_ipv4() == orig.is_ipv4())
+                {
+                    candidates.push(SocketAddr::new(*ip, target));
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Route::Passthrough;
+        }
+        let pick = candidates[random_index(candidates.len())];
+        return match meshed_pod(pick.ip()) {
+            Some(id) => Route::Mesh {
+                endpoint: pick,
+                expected: vec![id],
+            },
+            None => Route::Passthrough,
+        };
+    }
+    Route::Passthrough
+}
+
+fn random_index(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .subsec_nanos() as usize;
+    nanos % n.max(1)
+}
