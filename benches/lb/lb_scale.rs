@@ -54,43 +54,31 @@
 //!
 //! The datapaths are in `kube_proxy.rs` (what exactly each writes, and how
 //! the single-Service change is applied) and `fairlead.rs` (the slot for
-//! Fairlead's eBPF); the contract is `datapath.rs`.
+//! Fairlead's eBPF); the contract is `datapath.rs`. The topology, the
+//! backend and the client's loops are in `harness.rs`, shared with
+//! `benches/policy/policy_cost.rs`.
 
 mod datapath;
 mod fairlead;
+mod harness;
 mod kube_proxy;
 
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    io::{self, Read, Write},
-    mem::size_of,
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
+    net::{Ipv4Addr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
-use datapath::{Datapath, Peer, Router, Svc};
-use fairlead_testkit::{Netns, Veth};
+use anyhow::{ensure, Context, Result};
+use datapath::{Datapath, Peer, Svc};
+use harness::{
+    connect_once, connect_rate, dur, endpoint, install_signal_handlers, root_ip_forward, stopped,
+    stream, us, ConnStats, Lab, CONNECT_CAP, SETTLE, TARGET_PORT,
+};
 
 const SERVICE_PORT: u16 = 80;
-const TARGET_PORT: u16 = 8080;
-const CLUSTER_CIDR: &str = "10.244.0.0/16";
-const SERVICE_CIDR: &str = "10.96.0.0/12";
-const ENDPOINT_CIDR: &str = "10.244.128.0/17";
-const CLIENT_CIDR: &str = "10.244.0.0/24";
-const CLIENT_ADDR: &str = "10.244.0.2/24";
-const ROUTER_CLIENT_ADDR: &str = "10.244.0.1";
-const ROUTER_BACKEND_ADDR: &str = "10.245.0.1";
-const BACKEND_ADDR: &str = "10.245.0.2";
-/// Endpoint k of the run is `ENDPOINT_BASE + 1 + k`.
-const ENDPOINT_BASE: Ipv4Addr = Ipv4Addr::new(10, 244, 128, 0);
 /// Endpoints introduced by `change_one` (still inside ENDPOINT_CIDR).
 const SPARE_BASE: Ipv4Addr = Ipv4Addr::new(10, 244, 240, 0);
 /// Two endpoints per Service must stay below SPARE_BASE.
@@ -99,30 +87,8 @@ const DEFAULT_SCALES: [usize; 3] = [100, 1_000, 10_000];
 
 const DEFAULT_SECS: f64 = 2.0;
 const DEFAULT_STREAM_SECS: f64 = 3.0;
-/// Upper bound of connections in one rate measurement.
-const CONNECT_CAP: usize = 200_000;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const WARMUP: usize = 100;
 const PROBES: usize = 32;
-/// The backend's accept queue (the namespace's somaxconn is 4096).
-const BACKLOG: i32 = 4096;
 const CHANGES: usize = 5;
-/// Pause between phases, so one phase's leftovers (conntrack, softirq
-/// backlog) do not land in the next one's figures.
-const SETTLE: Duration = Duration::from_millis(300);
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn stopped() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 /// The peers, in table order. The Fairlead slot is `fairlead::new`.
 const PEERS: [Peer; 3] = [
@@ -141,12 +107,7 @@ const PEERS: [Peer; 3] = [
 ];
 
 fn main() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
+    install_signal_handlers();
     match real_main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -265,13 +226,6 @@ fn real_main() -> Result<bool> {
 // ---------------------------------------------------------------------------
 // Services.
 
-fn endpoint(k: usize) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from(ENDPOINT_BASE) + 1 + k as u32),
-        TARGET_PORT,
-    )
-}
-
 fn spare_endpoint(k: usize) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::from(u32::from(SPARE_BASE) + 1 + k as u32),
@@ -292,415 +246,6 @@ fn services(n: usize) -> Vec<Svc> {
             endpoints: vec![endpoint(2 * i), endpoint(2 * i + 1)],
         })
         .collect()
-}
-
-// ---------------------------------------------------------------------------
-// The topology.
-
-/// Fields drop in order: the backend server, the links, then the
-/// namespaces (which take everything inside them along).
-struct Lab {
-    backend_server: Backend,
-    _links: [Veth; 2],
-    router: Router,
-    client: Netns,
-    router_ns: Netns,
-    backend: Netns,
-}
-
-impl Lab {
-    fn new() -> Result<Lab> {
-        let client = Netns::new()?;
-        let router_ns = Netns::new()?;
-        let backend = Netns::new()?;
-        let to_client = Veth::new(&client, "eth0", &router_ns, "cl0")?;
-        let to_backend = Veth::new(&router_ns, "be0", &backend, "eth0")?;
-
-        client.add_addr("eth0", CLIENT_ADDR)?;
-        client.link_up("eth0")?;
-        for dst in [SERVICE_CIDR, ENDPOINT_CIDR] {
-            client.ip(&["route", "add", dst, "via", ROUTER_CLIENT_ADDR])?;
-        }
-
-        router_ns.add_addr("cl0", &format!("{ROUTER_CLIENT_ADDR}/24"))?;
-        router_ns.add_addr("be0", &format!("{ROUTER_BACKEND_ADDR}/30"))?;
-        router_ns.link_up("cl0")?;
-        router_ns.link_up("be0")?;
-        router_ns.ip(&["route", "add", ENDPOINT_CIDR, "via", BACKEND_ADDR])?;
-        sysctl_in(&router_ns, "net.ipv4.ip_forward", "1")?;
-
-        backend.add_addr("eth0", &format!("{BACKEND_ADDR}/30"))?;
-        backend.link_up("eth0")?;
-        backend.ip(&["route", "add", "local", ENDPOINT_CIDR, "dev", "lo"])?;
-        backend.ip(&["route", "add", CLIENT_CIDR, "via", ROUTER_BACKEND_ADDR])?;
-
-        let router = Router {
-            netns_name: router_ns.name().to_owned(),
-            netns_path: router_ns.path(),
-            client_if: "cl0".into(),
-            client_ifindex: router_ns.ifindex("cl0")?,
-            backend_if: "be0".into(),
-            backend_ifindex: router_ns.ifindex("be0")?,
-            cluster_cidr: CLUSTER_CIDR,
-            service_cidr: SERVICE_CIDR,
-            endpoint_cidr: ENDPOINT_CIDR,
-        };
-        let backend_server = Backend::start(&backend)?;
-        let lab = Lab {
-            backend_server,
-            _links: [to_client, to_backend],
-            router,
-            client,
-            router_ns,
-            backend,
-        };
-        // Before any datapath: the plain routed path works.
-        lab.client
-            .run_in(|| connect_once(endpoint(0), false))?
-            .context("connecting from the client to an endpoint IP, before any datapath")?;
-        Ok(lab)
-    }
-
-    fn describe(&self) -> String {
-        let r = &self.router;
-        format!(
-            "lab: client {} ─ router {} ({}#{} / {}#{}, ip_forward=1) ─ backend {}; pods {}, \
-             Services {}, endpoints {} (local on the backend, :{TARGET_PORT})",
-            self.client.name(),
-            r.netns_name,
-            r.client_if,
-            r.client_ifindex,
-            r.backend_if,
-            r.backend_ifindex,
-            self.backend.name(),
-            r.cluster_cidr,
-            r.service_cidr,
-            r.endpoint_cidr,
-        )
-    }
-}
-
-/// Sets a sysctl inside `ns` (the child `setns`es before exec) and reads it
-/// back from there.
-fn sysctl_in(ns: &Netns, key: &str, value: &str) -> Result<()> {
-    let run = |args: &[&str]| -> Result<String> {
-        let out = ns.command("sysctl")?.args(args).output()?;
-        ensure!(
-            out.status.success(),
-            "sysctl {} in {}: {}",
-            args.join(" "),
-            ns.name(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    run(&["-qw", &format!("{key}={value}")])?;
-    let now = run(&["-n", key])?;
-    ensure!(
-        now == value,
-        "{key} in {} is {now:?} after setting {value}",
-        ns.name()
-    );
-    Ok(())
-}
-
-/// The root namespace's ip_forward, read (never written) to show the run
-/// left it alone.
-fn root_ip_forward() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-// ---------------------------------------------------------------------------
-// The backend: one listener answering as every endpoint.
-
-#[derive(Default)]
-struct Recorder {
-    on: AtomicBool,
-    seen: Mutex<Vec<Ipv4Addr>>,
-}
-
-struct Backend {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-    recorder: Arc<Recorder>,
-}
-
-impl Backend {
-    /// A listener on 0.0.0.0:8080 inside `ns`, served by a one-thread tokio
-    /// runtime: every connection is read until EOF (or reset) and closed.
-    fn start(ns: &Netns) -> Result<Backend> {
-        let listener = ns.run_in(|| listen(TARGET_PORT, BACKLOG))??;
-        listener.set_nonblocking(true)?;
-        let recorder = Arc::new(Recorder::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let rec = recorder.clone();
-        let thread = thread::Builder::new()
-            .name("lb-backend".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("lb_scale: backend listener: {e}");
-                            return;
-                        }
-                    };
-                    tokio::select! {
-                        _ = stopped => {}
-                        _ = serve(listener, rec) => {}
-                    }
-                });
-            })?;
-        Ok(Backend {
-            stop: Some(stop),
-            thread: Some(thread),
-            recorder,
-        })
-    }
-
-    /// Starts recording the local address of each accepted connection.
-    fn record(&self) {
-        self.recorder.seen.lock().expect("recorder").clear();
-        self.recorder.on.store(true, Ordering::SeqCst);
-    }
-
-    /// Waits until `n` connections were recorded (or 2 s passed), stops
-    /// recording and returns what was seen.
-    fn recorded(&self, n: usize) -> Vec<Ipv4Addr> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.recorder.seen.lock().expect("recorder").len() < n && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        self.recorder.on.store(false, Ordering::SeqCst);
-        std::mem::take(&mut *self.recorder.seen.lock().expect("recorder"))
-    }
-}
-
-/// A listening socket on 0.0.0.0:`port` with a deep accept queue: the
-/// backend thread may lose the CPU for a while on two cores, and an
-/// overflowing queue drops SYNs, which the client would see as a 1 s stall
-/// (std's `TcpListener::bind` asks for a backlog of 128).
-fn listen(port: u16, backlog: i32) -> io::Result<std::net::TcpListener> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    setsockopt(&fd, libc::SO_REUSEADDR, &1i32)?;
-    let sa = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-    // SAFETY: a valid sockaddr_in of the length given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen(2) on our socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(std::net::TcpListener::from(fd))
-}
-
-fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-async fn serve(listener: tokio::net::TcpListener, recorder: Arc<Recorder>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                if recorder.on.load(Ordering::Relaxed) {
-                    if let Ok(SocketAddr::V4(local)) = stream.local_addr() {
-                        recorder.seen.lock().expect("recorder").push(*local.ip());
-                    }
-                }
-                tokio::spawn(sink(stream));
-            }
-            // EMFILE and friends: back off briefly, keep serving.
-            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
-}
-
-async fn sink(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n) = stream.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The client: raw sockets on a thread inside the client namespace.
-
-/// One connection: socket, connect (timed), close. With `abort`, SO_LINGER 0
-/// makes the close an RST (no TIME_WAIT). Connect is bounded by
-/// SO_SNDTIMEO (a blocking connect gives up with EINPROGRESS).
-fn connect_once(addr: SocketAddrV4, abort: bool) -> io::Result<Duration> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    if abort {
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        setsockopt(&fd, libc::SO_LINGER, &linger)?;
-    }
-    let timeout = libc::timeval {
-        tv_sec: CONNECT_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    setsockopt(&fd, libc::SO_SNDTIMEO, &timeout)?;
-    let sa = sockaddr(addr);
-    let start = Instant::now();
-    // SAFETY: a valid sockaddr_in of the length given.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    let elapsed = start.elapsed();
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(elapsed)
-}
-
-fn setsockopt<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` points to a live T of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[derive(Clone)]
-struct ConnStats {
-    /// Sorted connect latencies of the successful connections.
-    latencies: Vec<Duration>,
-    errors: usize,
-    first_error: Option<String>,
-    elapsed: Duration,
-}
-
-impl ConnStats {
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn percentile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank =
-            ((q * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[rank - 1]
-    }
-
-    fn cells(&self) -> [String; 2] {
-        let failed = if self.errors > 0 {
-            format!(" ({} failed)", self.errors)
-        } else {
-            String::new()
-        };
-        [
-            format!("{:.0}{failed}", self.rate()),
-            format!(
-                "{} / {}",
-                us(self.percentile(0.5)),
-                us(self.percentile(0.99))
-            ),
-        ]
-    }
-}
-
-/// Sequential connects from the client to `addr` for `secs` (or
-/// CONNECT_CAP), after WARMUP untimed ones.
-fn connect_rate(lab: &Lab, addr: SocketAddrV4, secs: Duration) -> Result<ConnStats> {
-    let stats = lab.client.run_in(move || {
-        for _ in 0..WARMUP {
-            let _ = connect_once(addr, true);
-        }
-        let mut latencies = Vec::with_capacity(CONNECT_CAP.min(65_536));
-        let (mut errors, mut first_error) = (0, None);
-        let start = Instant::now();
-        while start.elapsed() < secs
-            && latencies.len() + errors < CONNECT_CAP
-            && !STOP.load(Ordering::Relaxed)
-        {
-            match connect_once(addr, true) {
-                Ok(d) => latencies.push(d),
-                Err(e) => {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        latencies.sort_unstable();
-        ConnStats {
-            latencies,
-            errors,
-            first_error,
-            elapsed,
-        }
-    })?;
-    stopped()?;
-    ensure!(
-        !stats.latencies.is_empty(),
-        "no connection to {addr} succeeded ({} failed: {})",
-        stats.errors,
-        stats.first_error.as_deref().unwrap_or("-")
-    );
-    Ok(stats)
 }
 
 /// PROBES connections to `svc` must land on its endpoints only.
@@ -745,35 +290,6 @@ fn check_service(lab: &Lab, svc: &Svc, what: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// One TCP stream from the client to `addr` for `secs`: bytes written until
-/// the backend has read them all and closed, in Gbit/s.
-fn stream(lab: &Lab, addr: SocketAddrV4, secs: Duration) -> Result<f64> {
-    let gbits = lab.client.run_in(move || -> Result<f64> {
-        let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
-            .with_context(|| format!("connecting to {addr}"))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let buf = vec![0x5au8; 256 * 1024];
-        let mut bytes = 0u64;
-        let start = Instant::now();
-        while start.elapsed() < secs && !STOP.load(Ordering::Relaxed) {
-            s.write_all(&buf)
-                .with_context(|| format!("writing to {addr}"))?;
-            bytes += buf.len() as u64;
-        }
-        s.shutdown(Shutdown::Write)?;
-        let mut end = [0u8; 64];
-        while s
-            .read(&mut end)
-            .with_context(|| format!("waiting for {addr} to close"))?
-            != 0
-        {}
-        Ok(bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
-    })??;
-    stopped()?;
-    Ok(gbits)
 }
 
 // ---------------------------------------------------------------------------
@@ -1002,19 +518,6 @@ fn debug_counters(lab: &Lab) -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Output.
-
-fn us(d: Duration) -> String {
-    format!("{:.0}", d.as_secs_f64() * 1e6)
-}
-
-fn dur(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s >= 10.0 {
-        format!("{s:.1} s")
-    } else {
-        format!("{:.1} ms", s * 1e3)
-    }
-}
 
 fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 
-use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
 use fairlead_sandbox::{kubelet, netns, topology::Topology};
 
 mod common;
-use common::cni_plugin;
+use common::{apply, with_sandbox};
 
 const MANIFEST: &str = r#"
 apiVersion: v1
@@ -88,105 +87,82 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_pods_talk_mtls_with_identities() {
-    // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox needs root");
-    let name = format!("ms{}", std::process::id());
-    let state_dir = std::env::temp_dir().join(format!("fairlead-meshtest-{name}"));
-    let sandbox = Sandbox::up(SandboxConfig {
-        name: name.clone(),
-        nodes: 2,
-        routing: RoutingMode::vxlan(),
-        state_dir: state_dir.clone(),
-        cni_plugin: cni_plugin(),
-        maglev: false,
-    })
-    .await
-    .expect("sandbox up");
-    let result = std::panic::AssertUnwindSafe(async {
-        let dir = state_dir.join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("m.yaml"), MANIFEST).unwrap();
-        for (what, r) in sandbox.apply(&dir).unwrap() {
-            r.unwrap_or_else(|e| panic!("{what}: {e}"));
-        }
-        sandbox
-            .wait_for_pods(4, Duration::from_secs(60))
-            .await
-            .expect("pods running");
-        let snap = sandbox.snapshot();
-        let prefix = Topology::prefix(&name);
-        let ns = |pod: &str| kubelet::pod_netns(&prefix, "shop", pod);
-        let v4 = |pod: &str| {
-            *snap
-                .pod("shop", pod)
-                .and_then(|p| p.ips.iter().find(|i| i.is_ipv4()))
-                .expect("pod IPv4")
-        };
-        let vip = snap
-            .service("shop", "catalog")
-            .and_then(|s| s.cluster_ips.ipv4())
-            .expect("ClusterIP");
+    with_sandbox("ms", |sandbox, name| {
+        async move {
+            apply(sandbox, "mesh", MANIFEST).await;
+            sandbox
+                .wait_for_pods(4, Duration::from_secs(60))
+                .await
+                .expect("pods running");
+            let snap = sandbox.snapshot();
+            let prefix = Topology::prefix(name);
+            let ns = |pod: &str| kubelet::pod_netns(&prefix, "shop", pod);
+            let v4 = |pod: &str| {
+                *snap
+                    .pod("shop", pod)
+                    .and_then(|p| p.ips.iter().find(|i| i.is_ipv4()))
+                    .expect("pod IPv4")
+            };
+            let vip = snap
+                .service("shop", "catalog")
+                .and_then(|s| s.cluster_ips.ipv4())
+                .expect("ClusterIP");
 
-        // Meshed client -> Service -> meshed server: the app sees the verified identity.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let line = loop {
-            match get(&ns("cart"), SocketAddr::new(vip, 80)) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() > deadline => panic!("cart -> catalog: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
-        assert_eq!(field(&line, "pod"), "catalog", "{line}");
-        assert_eq!(
-            field(&line, "identity"),
-            "spiffe://cluster.local/ns/shop/sa/cart",
-            "the server's app sees the client's SPIFFE ID (not the forged header): {line}"
-        );
-        // By pod address too, several times.
-        for _ in 0..5 {
-            let line = get(&ns("cart"), SocketAddr::new(v4("catalog"), 8080)).unwrap();
+            // Meshed client -> Service -> meshed server: the app sees the verified identity.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let line = loop {
+                match get(&ns("cart"), SocketAddr::new(vip, 80)) {
+                    Ok(l) => break l,
+                    Err(e) if Instant::now() > deadline => panic!("cart -> catalog: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            assert_eq!(field(&line, "pod"), "catalog", "{line}");
             assert_eq!(
                 field(&line, "identity"),
-                "spiffe://cluster.local/ns/shop/sa/cart"
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                "the server's app sees the client's SPIFFE ID (not the forged header): {line}"
+            );
+            // By pod address too, several times.
+            for _ in 0..5 {
+                let line = get(&ns("cart"), SocketAddr::new(v4("catalog"), 8080)).unwrap();
+                assert_eq!(
+                    field(&line, "identity"),
+                    "spiffe://cluster.local/ns/shop/sa/cart"
+                );
+            }
+
+            // No sidecar on the client: the strict server refuses plain text.
+            let refused = get(&ns("plain"), SocketAddr::new(v4("catalog"), 8080));
+            assert!(
+                refused.is_err(),
+                "plaintext reached the meshed app: {refused:?}"
+            );
+
+            // A meshed client reaches a pod outside the mesh in the clear.
+            let line = get(&ns("cart"), SocketAddr::new(v4("plain"), 8080)).unwrap();
+            assert_eq!(field(&line, "pod"), "plain");
+            assert_eq!(
+                field(&line, "identity"),
+                "forged",
+                "no sidecar there: the header is the client's own"
+            );
+
+            // The sidecar's admin port.
+            let ready = netns::run_in(&ns("cart"), || {
+                let mut s = TcpStream::connect("127.0.0.1:15020").unwrap();
+                s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .unwrap();
+            assert!(
+                ready.starts_with("HTTP/1.1 200") && ready.contains("sa/cart"),
+                "{ready}"
             );
         }
-
-        // No sidecar on the client: the strict server refuses plain text.
-        let refused = get(&ns("plain"), SocketAddr::new(v4("catalog"), 8080));
-        assert!(
-            refused.is_err(),
-            "plaintext reached the meshed app: {refused:?}"
-        );
-
-        // A meshed client reaches a pod outside the mesh in the clear.
-        let line = get(&ns("cart"), SocketAddr::new(v4("plain"), 8080)).unwrap();
-        assert_eq!(field(&line, "pod"), "plain");
-        assert_eq!(
-            field(&line, "identity"),
-            "forged",
-            "no sidecar there: the header is the client's own"
-        );
-
-        // The sidecar's admin port.
-        let ready = netns::run_in(&ns("cart"), || {
-            let mut s = TcpStream::connect("127.0.0.1:15020").unwrap();
-            s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .unwrap();
-        assert!(
-            ready.starts_with("HTTP/1.1 200") && ready.contains("sa/cart"),
-            "{ready}"
-        );
+        .boxed()
     })
-    .catch_unwind()
     .await;
-    sandbox.down().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    assert!(netns::list(&Topology::prefix(&name)).is_empty());
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
 }

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 
-use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
+use fairlead_sandbox::cluster::Sandbox;
 use fairlead_sandbox::{kubelet, netns, topology::Topology};
 
 mod common;
-use common::cni_plugin;
+use common::{apply, with_sandbox};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -201,15 +201,6 @@ fn policy(name: &str, ns: &str, spec: &str) -> String {
     format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
 }
 
-async fn apply(sandbox: &Sandbox, case: &str, text: &str) {
-    let dir = sandbox.config.state_dir.join("manifests").join(case);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("m.yaml"), text).unwrap();
-    for (what, r) in sandbox.apply(&dir).unwrap() {
-        r.unwrap_or_else(|e| panic!("{case}: {what}: {e}"));
-    }
-}
-
 async fn delete_policies(sandbox: &Sandbox, ns: &str) {
     let api: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
         kube::Api::namespaced(sandbox.client.clone(), ns);
@@ -221,29 +212,10 @@ async fn delete_policies(sandbox: &Sandbox, ns: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_policy_truth_tables() {
-    // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox needs root");
-    let name = format!("np{}", std::process::id());
-    let state_dir = std::env::temp_dir().join(format!("fairlead-nptest-{name}"));
-    let sandbox = Sandbox::up(SandboxConfig {
-        name: name.clone(),
-        nodes: 2,
-        routing: RoutingMode::vxlan(),
-        state_dir: state_dir.clone(),
-        cni_plugin: cni_plugin(),
-        maglev: false,
+    with_sandbox("np", |sandbox, name| {
+        async move { cases(sandbox, name).await }.boxed()
     })
-    .await
-    .expect("sandbox up");
-    let result = std::panic::AssertUnwindSafe(cases(&sandbox, &name))
-        .catch_unwind()
-        .await;
-    sandbox.down().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    assert!(netns::list(&Topology::prefix(&name)).is_empty());
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    .await;
 }
 
 async fn cases(sandbox: &Sandbox, name: &str) {

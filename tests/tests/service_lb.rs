@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 
 mod common;
-use common::cni_plugin;
+use common::{apply, with_sandbox};
 
 use fairlead_core::ObjectKey;
-use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
+use fairlead_sandbox::cluster::Sandbox;
 use fairlead_sandbox::{agents, cgroup, kubelet, netns, topology::Topology};
 
 const SERVICES: &str = r#"
@@ -232,64 +232,6 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn with_sandbox<F>(tag: &str, f: F)
-where
-    F: for<'a> FnOnce(&'a mut Sandbox, &'a str) -> futures::future::BoxFuture<'a, ()>,
-{
-    // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox needs root");
-    let name = format!("{tag}{}", std::process::id());
-    let state_dir = std::env::temp_dir().join(format!("fairlead-lbtest-{name}"));
-    let mut sandbox = Sandbox::up(SandboxConfig {
-        name: name.clone(),
-        nodes: 2,
-        routing: RoutingMode::vxlan(),
-        state_dir: state_dir.clone(),
-        cni_plugin: cni_plugin(),
-        maglev: false,
-    })
-    .await
-    .expect("sandbox up");
-    let result = std::panic::AssertUnwindSafe(f(&mut sandbox, &name))
-        .catch_unwind()
-        .await;
-    sandbox.down().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    let prefix = Topology::prefix(&name);
-    assert!(
-        netns::list(&prefix).is_empty(),
-        "sandbox down removes every namespace"
-    );
-    assert!(
-        cgroup::sandbox_dir(&name).is_none_or(|d| !d.exists()),
-        "and its cgroups"
-    );
-    let pins = std::fs::read_dir("/sys/fs/bpf")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("fairlead-{}", agents::lb_instance_prefix(&name)))
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    assert_eq!(pins, 0, "and its eBPF pins");
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-async fn apply(sandbox: &Sandbox, file: &str, text: &str) {
-    let dir = sandbox.config.state_dir.join("manifests").join(file);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("m.yaml"), text).unwrap();
-    for (what, r) in sandbox.apply(&dir).unwrap() {
-        r.unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 }
 

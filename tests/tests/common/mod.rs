@@ -1,6 +1,12 @@
-//! Helpers shared by the sandbox tests.
+//! Helpers shared by the sandbox tests (each test binary uses some of them).
+#![allow(dead_code)]
 
 use std::path::PathBuf;
+
+use futures::FutureExt;
+
+use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
+use fairlead_sandbox::{agents, cgroup, netns, topology::Topology};
 
 /// `fairlead-cni` as cargo built it, next to this test's deps folder.
 pub fn cni_plugin() -> PathBuf {
@@ -12,4 +18,65 @@ pub fn cni_plugin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A two-node VXLAN sandbox named `<tag><pid>` for `f`; afterwards (also when `f` panics)
+/// it is taken down and checked to have left no namespace, cgroup or eBPF pin.
+pub async fn with_sandbox<F>(tag: &str, f: F)
+where
+    F: for<'a> FnOnce(&'a mut Sandbox, &'a str) -> futures::future::BoxFuture<'a, ()>,
+{
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox needs root");
+    let name = format!("{tag}{}", std::process::id());
+    let state_dir = std::env::temp_dir().join(format!("fairlead-lbtest-{name}"));
+    let mut sandbox = Sandbox::up(SandboxConfig {
+        name: name.clone(),
+        nodes: 2,
+        routing: RoutingMode::vxlan(),
+        state_dir: state_dir.clone(),
+        cni_plugin: cni_plugin(),
+        maglev: false,
+    })
+    .await
+    .expect("sandbox up");
+    let result = std::panic::AssertUnwindSafe(f(&mut sandbox, &name))
+        .catch_unwind()
+        .await;
+    sandbox.down().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let prefix = Topology::prefix(&name);
+    assert!(
+        netns::list(&prefix).is_empty(),
+        "sandbox down removes every namespace"
+    );
+    assert!(
+        cgroup::sandbox_dir(&name).is_none_or(|d| !d.exists()),
+        "and its cgroups"
+    );
+    let pins = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("fairlead-{}", agents::lb_instance_prefix(&name)))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(pins, 0, "and its eBPF pins");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Creates the objects of `text` (a multi-document manifest).
+pub async fn apply(sandbox: &Sandbox, file: &str, text: &str) {
+    let dir = sandbox.config.state_dir.join("manifests").join(file);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("m.yaml"), text).unwrap();
+    for (what, r) in sandbox.apply(&dir).unwrap() {
+        r.unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
 }
