@@ -11,9 +11,7 @@ use fairlead_ebpf::policy::{FlowEvent, FlowReader, VERDICT_DROPPED};
 use fairlead_ebpf_common::lb::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_NAMES};
 use fairlead_ebpf_common::policy::DIR_INGRESS;
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
-use tracing::warn;
 
 /// Records kept for `FLOWS` without `follow`.
 pub const LOG_CAPACITY: usize = 4096;
@@ -140,32 +138,23 @@ impl Namer {
     }
 }
 
-/// Reads events until the reader fails; `name` turns each into a record.
+/// How often the ring buffer is drained. The datapath writes events without waking the
+/// reader (a wake-up per connection cost a quarter of the connection rate); at 25,000 new
+/// connections a second, 20 ms is 500 events, far from the ring's 16,384.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Reads events forever; `name` turns each into a record.
 pub async fn run(
-    reader: FlowReader,
+    mut reader: FlowReader,
     log: FlowLog,
     mut name: impl FnMut(&FlowEvent) -> FlowRecord + Send,
 ) {
-    // SAFETY: the reader owns the ring buffer map's fd, which stays open and the same for as
-    // long as the reader lives, and the AsyncFd owns the reader.
-    let mut fd = match unsafe { AsyncFd::register(reader) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "cannot poll the flow ring buffer; no flow events");
-            return;
-        }
-    };
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "polling the flow ring buffer failed; no more flow events");
-                return;
-            }
-        };
+        tick.tick().await;
         let mut events = Vec::new();
-        guard.get_inner_mut().drain(|e| events.push(e));
-        guard.clear_ready();
+        reader.drain(|e| events.push(e));
         for e in &events {
             log.push(name(e));
         }

@@ -119,6 +119,22 @@ pub fn port_rule(proto: u8, lo: u16, hi: u16, policy: u32) -> PortRule {
 /// that contain it and do not except it. Ports are merged (same protocol,
 /// overlapping or adjacent ranges) so the value stays small.
 pub fn compile(instances: &[RuleInstance]) -> BTreeMap<Prefix, Vec<PortRule>> {
+    // Host instances (a pod's /32 or /128, the bulk) contain only their own prefix; they are
+    // looked up by prefix. Only wider instances are tested against every prefix, so the work
+    // is prefixes x CIDR rules, not prefixes x all rules.
+    let host_len = |p: &Prefix| if p.addr.is_ipv4() { 32 } else { 128 };
+    let mut hosts: HashMap<Prefix, Vec<PortRule>> = HashMap::new();
+    let mut wide: Vec<&RuleInstance> = Vec::new();
+    for i in instances {
+        if i.prefix.len == host_len(&i.prefix) && i.except.is_empty() {
+            hosts
+                .entry(i.prefix)
+                .or_default()
+                .extend(i.ports.iter().copied());
+        } else {
+            wide.push(i);
+        }
+    }
     let prefixes: BTreeSet<Prefix> = instances
         .iter()
         .flat_map(|i| std::iter::once(i.prefix).chain(i.except.iter().copied()))
@@ -126,11 +142,12 @@ pub fn compile(instances: &[RuleInstance]) -> BTreeMap<Prefix, Vec<PortRule>> {
     prefixes
         .into_iter()
         .map(|p| {
-            let ports: Vec<PortRule> = instances
-                .iter()
-                .filter(|i| p.within(&i.prefix) && !i.except.iter().any(|e| p.within(e)))
-                .flat_map(|i| i.ports.iter().copied())
-                .collect();
+            let mut ports: Vec<PortRule> = hosts.get(&p).cloned().unwrap_or_default();
+            ports.extend(
+                wide.iter()
+                    .filter(|i| p.within(&i.prefix) && !i.except.iter().any(|e| p.within(e)))
+                    .flat_map(|i| i.ports.iter().copied()),
+            );
             (p, merge_ports(ports))
         })
         .collect()

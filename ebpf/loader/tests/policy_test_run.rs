@@ -321,11 +321,18 @@ fn verdicts_become_flow_events() -> anyhow::Result<()> {
 
 #[test]
 fn a_full_rule_map_fails_closed() -> anyhow::Result<()> {
-    let mut lb = load()?;
+    require_root()?;
+    // A small rule map, so filling it is quick (the real one holds a million prefixes).
+    let limit = 4096;
+    let mut lb = Lb::load_sized(
+        &unique_instance(),
+        Persistence::RemoveOnDrop,
+        &[(fairlead_ebpf_common::policy::MAP_POL_RULES, limit)],
+    )?;
+    lb.set_policy_enforcement(true)?;
     lb.set_endpoint_policy(pod_ip(), &EndpointPolicy::open())?;
     assert_eq!(into_pod(&lb, "10.200.0.1:40000", "10.244.1.5:80", TCP)?, OK);
     // More peer prefixes than the rule map holds, each allowing port 80.
-    let limit = fairlead_ebpf_common::policy::MAX_RULE_PREFIXES;
     let ingress = (0..limit + 16)
         .map(|i| {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));

@@ -232,6 +232,17 @@ impl Lb {
     /// (their contents are adopted), and verifies every program. Nothing is
     /// attached yet.
     pub fn load(instance: &str, persistence: Persistence) -> Result<Self, Error> {
+        Self::load_sized(instance, persistence, &[])
+    }
+
+    /// [`Lb::load`] with some maps sized differently from their `MAX_*` constants (tests that
+    /// must fill a map; operators who need a bigger one). Applies only to maps created by
+    /// this load, not to pinned maps it adopts.
+    pub fn load_sized(
+        instance: &str,
+        persistence: Persistence,
+        max_entries: &[(&'static str, u32)],
+    ) -> Result<Self, Error> {
         validate_instance(instance)?;
         ensure_bpffs()?;
         let pin_dir = pin_dir(instance);
@@ -239,6 +250,9 @@ impl Lb {
             fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
         }
         let mut loader = EbpfLoader::new();
+        for (map, size) in max_entries {
+            loader.map_max_entries(map, *size);
+        }
         let paths: Vec<(&'static str, PathBuf)> = MAPS
             .iter()
             .chain(crate::policy::POLICY_MAPS.iter())
