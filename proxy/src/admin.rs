@@ -59,6 +59,36 @@ impl Metrics {
     }
 }
 
+/// The most connections one listener serves at once; past it new ones are closed at once,
+/// counted and logged, so a flood cannot grow the proxy's memory without bound.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// A slot for one more connection on a listener, or `None` (counted and logged) when the
+/// listener is at [`MAX_CONNECTIONS`].
+pub fn admit(
+    slots: &Arc<tokio::sync::Semaphore>,
+    metrics: &Metrics,
+    listener: &'static str,
+    peer: SocketAddr,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match Arc::clone(slots).try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            metrics.inc(
+                "fairlead_proxy_connections_over_limit_total",
+                label("listener", listener),
+            );
+            tracing::warn!(%peer, listener, limit = MAX_CONNECTIONS, "connection refused: the listener is at its connection limit");
+            None
+        }
+    }
+}
+
+/// The slots of one listener.
+pub fn connection_slots() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS))
+}
+
 /// `key="value"` label text, escaped.
 pub fn label(key: &str, value: &str) -> String {
     format!(

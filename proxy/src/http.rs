@@ -15,12 +15,16 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
 
 /// The header that carries the client's SPIFFE ID to the application.
 pub const CLIENT_ID_HEADER: &str = "x-fairlead-client-id";
+/// How long a client may take to send a request's headers (slow clients are cut off).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most header bytes a request may carry (HTTP/1.1: answered 431; HTTP/2: refused).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How long detection waits for the client's first bytes.
 pub const DETECT_WAIT: Duration = Duration::from_millis(300);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -161,12 +165,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 }
 
 /// Serves HTTP on `downstream`, forwarding every request to `app` over one connection of
-/// the same HTTP version, with the client identity header set.
+/// the same HTTP version, with the client identity header set to `client_id` (removed
+/// when there is none: a plaintext client in permissive mode cannot claim one).
 pub async fn serve<S>(
     downstream: S,
     protocol: Protocol,
     app: SocketAddr,
-    client_id: String,
+    client_id: Option<String>,
     dialer: &crate::transparent::Dialer,
 ) -> Result<(), String>
 where
@@ -177,7 +182,9 @@ where
         .await
         .map_err(|e| format!("the application at {app} is not reachable: {e}"))?;
     let id = Arc::new(
-        hyper::header::HeaderValue::from_str(&client_id)
+        client_id
+            .map(|c| hyper::header::HeaderValue::from_str(&c))
+            .transpose()
             .map_err(|e| format!("client identity is not a header value: {e}"))?,
     );
     match protocol {
@@ -192,6 +199,8 @@ where
                 async move { sender.send_request(with_identity(req, &id)).await }
             });
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .serve_connection(TokioIo::new(downstream), svc)
                 .await
                 .map_err(|e| format!("HTTP/2 from the client: {e}"))
@@ -211,7 +220,11 @@ where
                 }
             });
             hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                // Over TLS one flat write beats a vectored one (hyper's advice).
+                .writev(false)
                 .serve_connection(TokioIo::new(downstream), svc)
                 .await
                 .map_err(|e| format!("HTTP/1.1 from the client: {e}"))
@@ -219,8 +232,14 @@ where
     }
 }
 
-fn with_identity(mut req: Request<Incoming>, id: &hyper::header::HeaderValue) -> Request<Incoming> {
-    req.headers_mut().insert(CLIENT_ID_HEADER, id.clone());
+fn with_identity(
+    mut req: Request<Incoming>,
+    id: &Option<hyper::header::HeaderValue>,
+) -> Request<Incoming> {
+    match id {
+        Some(id) => req.headers_mut().insert(CLIENT_ID_HEADER, id.clone()),
+        None => req.headers_mut().remove(CLIENT_ID_HEADER),
+    };
     req
 }
 

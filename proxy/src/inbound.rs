@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use tokio::io::AsyncWriteExt;
 
@@ -40,9 +40,40 @@ pub enum Authorization {
     Only(Vec<PeerId>),
 }
 
-/// Serves `listener` until the task is dropped: each accepted connection is handed to
-/// `app` once its client proved an allowed identity; `on_accept` sees that identity (the
-/// HTTP path passes it on as a header; tests record it).
+/// Whether clients without mTLS are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Only mTLS clients with an allowed identity.
+    Strict,
+    /// mTLS clients as in strict mode; plaintext clients (no TLS ClientHello within
+    /// [`http::DETECT_WAIT`]) go to the application without an identity (any identity header
+    /// they send is removed). For moving workloads into the mesh one by one.
+    Permissive,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Mode::Strict),
+            "permissive" => Ok(Mode::Permissive),
+            other => Err(format!("mode {other:?}: expected `strict` or `permissive`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Strict => "strict",
+            Mode::Permissive => "permissive",
+        })
+    }
+}
+
+/// Serves `listener` in strict mode until the task is dropped: each accepted connection is
+/// handed to `app` once its client proved an allowed identity; `on_accept` sees that
+/// identity (the HTTP path passes it on as a header; tests record it).
 ///
 /// Each handshake takes the credentials current in `creds`, so a renewed certificate is
 /// used from the next connection on while established ones carry on.
@@ -55,8 +86,37 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     dialer: Dialer,
 ) -> std::io::Result<()> {
+    serve_mode(
+        listener,
+        creds,
+        app,
+        authz,
+        Mode::Strict,
+        on_accept,
+        metrics,
+        dialer,
+    )
+    .await
+}
+
+/// As [`serve`], in the given [`Mode`].
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_mode(
+    listener: TcpListener,
+    creds: Arc<CredentialStore>,
+    app: AppTarget,
+    authz: Authorization,
+    mode: Mode,
+    on_accept: Arc<dyn Fn(&PeerId) + Send + Sync>,
+    metrics: Arc<Metrics>,
+    dialer: Dialer,
+) -> std::io::Result<()> {
+    let slots = crate::admin::connection_slots();
     loop {
         let (stream, peer) = listener.accept().await?;
+        let Some(permit) = crate::admin::admit(&slots, &metrics, "inbound", peer) else {
+            continue;
+        };
         let (acceptor, tls, authz, on_accept, metrics, dialer) = (
             TlsAcceptor::from(creds.server_config()),
             creds.tls(),
@@ -66,6 +126,7 @@ pub async fn serve(
             dialer.clone(),
         );
         tokio::spawn(async move {
+            let _permit = permit;
             let app = match app {
                 AppTarget::Fixed(a) => a,
                 AppTarget::OriginalPort => match crate::transparent::original_dst(&stream) {
@@ -77,6 +138,17 @@ pub async fn serve(
                     }
                 },
             };
+            let _ = stream.set_nodelay(true);
+            if mode == Mode::Permissive && !starts_with_tls(&stream).await {
+                if let Err((kind, reason)) = plaintext(stream, app, &metrics, &dialer).await {
+                    metrics.inc(
+                        "fairlead_proxy_inbound_refused_total",
+                        label("reason", kind),
+                    );
+                    warn!(%peer, %reason, "inbound plaintext connection failed");
+                }
+                return;
+            }
             match handle(
                 stream,
                 acceptor,
@@ -104,6 +176,95 @@ pub async fn serve(
 
 /// Why a connection was refused: a metric label and a log line.
 type Refusal = (&'static str, String);
+
+/// Whether the client's first bytes are a TLS handshake record, waiting at most
+/// [`http::DETECT_WAIT`] (a silent client is taken as plaintext: a server-speaks-first
+/// protocol).
+async fn starts_with_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 3];
+    let peek = async {
+        loop {
+            match stream.peek(&mut first).await {
+                Ok(n) if n >= 3 => return true,
+                // Fewer than 3 bytes so far: wait for more (bounded by the timeout below).
+                Ok(n) if n > 0 => {
+                    if first[0] != 0x16 {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => return false,
+            }
+        }
+    };
+    let got = tokio::time::timeout(http::DETECT_WAIT, peek)
+        .await
+        .unwrap_or(false);
+    // A TLS handshake record: content type 22, version 3.x.
+    got && first[0] == 0x16 && first[1] == 0x03
+}
+
+/// A plaintext client in permissive mode: to the application with no identity.
+async fn plaintext(
+    mut stream: TcpStream,
+    app: SocketAddr,
+    metrics: &Metrics,
+    dialer: &Dialer,
+) -> Result<(), Refusal> {
+    metrics.inc("fairlead_proxy_inbound_plaintext_total", String::new());
+    let (protocol, prefix) = http::detect(&mut stream, false, http::DETECT_WAIT)
+        .await
+        .map_err(|e| ("client_gone", format!("reading the first bytes: {e}")))?;
+    if protocol != http::Protocol::Opaque {
+        if let Err(e) = http::serve(
+            http::Prefixed::new(prefix, stream),
+            protocol,
+            app,
+            None,
+            dialer,
+        )
+        .await
+        {
+            metrics.inc(
+                "fairlead_proxy_inbound_http_errors_total",
+                label("client", ""),
+            );
+            debug!(error = %e, "inbound plaintext HTTP connection ended with an error");
+        }
+        return Ok(());
+    }
+    forward_opaque(stream, prefix, app, dialer, "plaintext").await
+}
+
+/// Opaque bytes both ways between the client and the application, starting with the
+/// `prefix` already read from the client.
+async fn forward_opaque<S>(
+    mut client: S,
+    prefix: Vec<u8>,
+    app: SocketAddr,
+    dialer: &Dialer,
+    who: &str,
+) -> Result<(), Refusal>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut upstream = dialer.connect(app, false).await.map_err(|e| {
+        (
+            "app_unreachable",
+            format!("the application at {app} is not reachable: {e}"),
+        )
+    })?;
+    upstream
+        .write_all(&prefix)
+        .await
+        .map_err(|e| ("app_unreachable", format!("writing to {app}: {e}")))?;
+    debug!(client = who, %app, "inbound TCP connection");
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((to_app, from_app)) => debug!(client = who, to_app, from_app, "inbound closed"),
+        Err(e) => debug!(client = who, error = %e, "inbound ended"),
+    }
+    Ok(())
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn handle(
@@ -164,32 +325,26 @@ async fn handle(
         label("protocol", &format!("{protocol:?}").to_lowercase()),
     );
     if protocol != http::Protocol::Opaque {
-        info!(client = %id, %app, ?protocol, "inbound HTTP connection");
-        return http::serve(
+        debug!(client = %id, %app, ?protocol, "inbound HTTP connection");
+        // The client was admitted: an HTTP error from here on (a client closing mid-request,
+        // an application going away) ends this connection but is no refusal.
+        if let Err(e) = http::serve(
             http::Prefixed::new(prefix, tls_stream),
             protocol,
             app,
-            id.0.clone(),
+            Some(id.0.clone()),
             dialer,
         )
         .await
-        .map(|()| id)
-        .map_err(|e| ("http", e));
+        {
+            metrics.inc(
+                "fairlead_proxy_inbound_http_errors_total",
+                label("client", &id.0),
+            );
+            debug!(client = %id, error = %e, "inbound HTTP connection ended with an error");
+        }
+        return Ok(id);
     }
-    let mut upstream = dialer.connect(app, false).await.map_err(|e| {
-        (
-            "app_unreachable",
-            format!("the application at {app} is not reachable: {e}"),
-        )
-    })?;
-    upstream
-        .write_all(&prefix)
-        .await
-        .map_err(|e| ("app_unreachable", format!("writing to {app}: {e}")))?;
-    info!(client = %id, %app, "inbound TCP connection");
-    match tokio::io::copy_bidirectional(&mut tls_stream, &mut upstream).await {
-        Ok((to_app, from_app)) => debug!(client = %id, to_app, from_app, "inbound closed"),
-        Err(e) => debug!(client = %id, error = %e, "inbound ended"),
-    }
+    forward_opaque(tls_stream, prefix, app, dialer, &id.0).await?;
     Ok(id)
 }

@@ -2,13 +2,18 @@
 //! destination may have.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
+use crate::admin::{label, Metrics};
+use crate::rotation::CredentialStore;
 use crate::tls::{MeshTls, PeerId};
+use crate::transparent::Dialer;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,7 +48,17 @@ pub async fn connect(
     expected: Vec<PeerId>,
     dialer: &crate::transparent::Dialer,
 ) -> Result<TlsStream<TcpStream>, OutboundError> {
-    let connector = TlsConnector::from(tls.client_config(expected)?);
+    connect_with(tls.client_config(expected)?, peer, dialer).await
+}
+
+/// As [`connect`], with a client configuration already built (the proxy keeps one per
+/// expected identity set, so sessions can be resumed and nothing is rebuilt per connection).
+pub async fn connect_with(
+    config: Arc<ClientConfig>,
+    peer: SocketAddr,
+    dialer: &crate::transparent::Dialer,
+) -> Result<TlsStream<TcpStream>, OutboundError> {
+    let connector = TlsConnector::from(config);
     let attempt = async {
         let tcp = dialer
             .connect(peer, true)
@@ -61,67 +76,127 @@ pub async fn connect(
         .map_err(|_| OutboundError::Timeout(peer))?
 }
 
-/// Serves intercepted outbound connections until the task is dropped: each goes where
-/// `route` says for its original destination.
-pub async fn serve_transparent(
+/// Where an outbound listener sends what it accepts.
+#[derive(Clone)]
+pub enum Destination {
+    /// Intercepted connections: each goes where the function says for its original
+    /// destination (the sidecar's transparent listener).
+    Transparent(Arc<dyn Fn(SocketAddr) -> Route + Send + Sync>),
+    /// Every connection to one meshed endpoint, whose sidecar must be one of `expected`
+    /// (an explicit listener: a gateway, or a client that dials the proxy itself).
+    Fixed {
+        endpoint: SocketAddr,
+        expected: Vec<PeerId>,
+    },
+}
+
+/// Serves outbound connections from `listener` until the task is dropped.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    creds: std::sync::Arc<crate::rotation::CredentialStore>,
-    route: std::sync::Arc<dyn Fn(SocketAddr) -> Route + Send + Sync>,
-    metrics: std::sync::Arc<crate::admin::Metrics>,
-    dialer: crate::transparent::Dialer,
+    creds: Arc<CredentialStore>,
+    destination: Destination,
+    metrics: Arc<Metrics>,
+    dialer: Dialer,
 ) -> std::io::Result<()> {
-    use crate::admin::label;
+    let slots = crate::admin::connection_slots();
     loop {
-        let (mut local, _) = listener.accept().await?;
-        let (creds, route, metrics, dialer) = (
-            std::sync::Arc::clone(&creds),
-            std::sync::Arc::clone(&route),
-            std::sync::Arc::clone(&metrics),
+        let (local, peer) = listener.accept().await?;
+        let Some(permit) = crate::admin::admit(&slots, &metrics, "outbound", peer) else {
+            continue;
+        };
+        let _ = local.set_nodelay(true);
+        let (creds, destination, metrics, dialer) = (
+            Arc::clone(&creds),
+            destination.clone(),
+            Arc::clone(&metrics),
             dialer.clone(),
         );
         tokio::spawn(async move {
-            let orig = match crate::transparent::original_dst(&local) {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound connection without an original destination");
-                    return;
-                }
-            };
-            match route(orig) {
-                Route::Mesh { endpoint, expected } => {
-                    match connect(&creds.tls(), endpoint, expected, &dialer).await {
-                        Ok(mut tls) => {
-                            let server = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(crate::tls::spiffe_id)
-                                .map(|p| p.0)
-                                .unwrap_or_default();
-                            metrics.inc(
-                                "fairlead_proxy_outbound_connections_total",
-                                label("server", &server),
-                            );
-                            let _ = tokio::io::copy_bidirectional(&mut local, &mut tls).await;
-                        }
-                        Err(e) => {
-                            metrics.inc(
-                                "fairlead_proxy_outbound_refused_total",
-                                label("destination", &orig.to_string()),
-                            );
-                            tracing::warn!(%orig, %endpoint, error = %e, "outbound mTLS failed");
-                        }
+            let _permit = permit;
+            let (orig, route) = match &destination {
+                Destination::Fixed { endpoint, expected } => (
+                    *endpoint,
+                    Route::Mesh {
+                        endpoint: *endpoint,
+                        expected: expected.clone(),
+                    },
+                ),
+                Destination::Transparent(route) => match crate::transparent::original_dst(&local) {
+                    Ok(o) => (o, route(o)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound connection without an original destination");
+                        return;
                     }
-                }
-                Route::Passthrough => match dialer.connect(orig, true).await {
-                    Ok(mut remote) => {
-                        metrics.inc("fairlead_proxy_outbound_passthrough_total", String::new());
-                        let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
-                    }
-                    Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
                 },
-            }
+            };
+            forward(local, orig, route, &creds, &metrics, &dialer).await;
         });
+    }
+}
+
+/// Serves intercepted outbound connections: [`serve`] with [`Destination::Transparent`].
+pub async fn serve_transparent(
+    listener: tokio::net::TcpListener,
+    creds: Arc<CredentialStore>,
+    route: Arc<dyn Fn(SocketAddr) -> Route + Send + Sync>,
+    metrics: Arc<Metrics>,
+    dialer: Dialer,
+) -> std::io::Result<()> {
+    serve(
+        listener,
+        creds,
+        Destination::Transparent(route),
+        metrics,
+        dialer,
+    )
+    .await
+}
+
+async fn forward(
+    mut local: TcpStream,
+    orig: SocketAddr,
+    route: Route,
+    creds: &CredentialStore,
+    metrics: &Metrics,
+    dialer: &Dialer,
+) {
+    match route {
+        Route::Mesh { endpoint, expected } => {
+            let attempt = match creds.client_config(expected) {
+                Ok(config) => connect_with(config, endpoint, dialer).await,
+                Err(e) => Err(OutboundError::from(e)),
+            };
+            match attempt {
+                Ok(mut tls) => {
+                    let server = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(crate::tls::spiffe_id)
+                        .map(|p| p.0)
+                        .unwrap_or_default();
+                    metrics.inc(
+                        "fairlead_proxy_outbound_connections_total",
+                        label("server", &server),
+                    );
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut tls).await;
+                }
+                Err(e) => {
+                    metrics.inc(
+                        "fairlead_proxy_outbound_refused_total",
+                        label("destination", &orig.to_string()),
+                    );
+                    tracing::warn!(%orig, %endpoint, error = %e, "outbound mTLS failed");
+                }
+            }
+        }
+        Route::Passthrough => match dialer.connect(orig, true).await {
+            Ok(mut remote) => {
+                metrics.inc("fairlead_proxy_outbound_passthrough_total", String::new());
+                let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+            }
+            Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
+        },
     }
 }

@@ -4,9 +4,10 @@
 //! for a fresh key; when the source fails it keeps serving with the valid certificate it has
 //! and retries with exponential backoff.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::{ClientConfig, ServerConfig};
@@ -17,7 +18,23 @@ use crate::tls::{MeshTls, PeerId, TlsError};
 /// The current credentials and the server config built from them.
 pub struct CredentialStore {
     inner: RwLock<Current>,
+    /// Client configurations by the identities the server must have, for the current
+    /// credentials (cleared when they change). Reusing one lets rustls resume sessions and
+    /// saves building a verifier per connection. Bounded: cleared when it reaches
+    /// [`MAX_CLIENT_CONFIGS`].
+    clients: Mutex<ClientConfigs>,
+    resumption: bool,
 }
+
+/// The cached client configurations and the credential generation they were built from.
+#[derive(Default)]
+struct ClientConfigs {
+    generation: u64,
+    by_expected: HashMap<Vec<PeerId>, Arc<ClientConfig>>,
+}
+
+/// At most this many cached client configurations (one per destination identity set).
+pub const MAX_CLIENT_CONFIGS: usize = 4096;
 
 struct Current {
     tls: MeshTls,
@@ -31,22 +48,30 @@ struct Current {
 
 impl CredentialStore {
     pub fn new(tls: MeshTls) -> Result<Arc<Self>, TlsError> {
+        Self::with_resumption(tls, true)
+    }
+
+    /// As [`new`](Self::new); `resumption: false` makes every handshake a full one, both as
+    /// client and as server (for measuring handshakes, or for peers that must not resume).
+    pub fn with_resumption(tls: MeshTls, resumption: bool) -> Result<Arc<Self>, TlsError> {
         let (_, not_after) = tls.validity()?;
         Ok(Arc::new(Self {
             inner: RwLock::new(Current {
-                server: tls.server_config()?,
+                server: server_config(&tls, resumption)?,
                 tls,
                 installed: SystemTime::now(),
                 not_after,
                 generation: 1,
             }),
+            clients: Mutex::new(ClientConfigs::default()),
+            resumption,
         }))
     }
 
     /// Installs new credentials; new handshakes use them from now on.
     pub fn update(&self, tls: MeshTls) -> Result<(), TlsError> {
         let (_, not_after) = tls.validity()?;
-        let server = tls.server_config()?;
+        let server = server_config(&tls, self.resumption)?;
         let mut cur = self.inner.write().unwrap_or_else(|p| p.into_inner());
         *cur = Current {
             tls,
@@ -62,8 +87,41 @@ impl CredentialStore {
         Arc::clone(&self.inner.read().unwrap_or_else(|p| p.into_inner()).server)
     }
 
+    /// The client configuration for servers that must be one of `expected`, built once per
+    /// identity set and credentials.
     pub fn client_config(&self, expected: Vec<PeerId>) -> Result<Arc<ClientConfig>, TlsError> {
-        self.tls().client_config(expected)
+        // Lock order: inner, then clients. Holding the read lock keeps the generation still
+        // while the cache is checked and filled.
+        let cur = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.generation != cur.generation {
+            // Renewed (or first use): configs of the older credentials go.
+            *clients = ClientConfigs {
+                generation: cur.generation,
+                by_expected: HashMap::new(),
+            };
+        }
+        if let Some(c) = clients.by_expected.get(&expected) {
+            return Ok(Arc::clone(c));
+        }
+        let config = self.build_client_config(&cur.tls, expected.clone())?;
+        if clients.by_expected.len() >= MAX_CLIENT_CONFIGS {
+            clients.by_expected.clear();
+        }
+        clients.by_expected.insert(expected, Arc::clone(&config));
+        Ok(config)
+    }
+
+    fn build_client_config(
+        &self,
+        tls: &MeshTls,
+        expected: Vec<PeerId>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = tls.client_config(expected)?;
+        if !self.resumption {
+            Arc::make_mut(&mut config).resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(config)
     }
 
     pub fn tls(&self) -> MeshTls {
@@ -87,6 +145,16 @@ impl CredentialStore {
         let cur = self.inner.read().unwrap_or_else(|p| p.into_inner());
         (cur.installed, cur.not_after)
     }
+}
+
+fn server_config(tls: &MeshTls, resumption: bool) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = tls.server_config()?;
+    if !resumption {
+        let c = Arc::make_mut(&mut config);
+        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        c.send_tls13_tickets = 0;
+    }
+    Ok(config)
 }
 
 /// New credentials for a new key: what the CA returned for the CSR.

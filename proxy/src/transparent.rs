@@ -167,7 +167,8 @@ impl Dialer {
         Ok(TcpSocket::from_std_stream(std))
     }
 
-    /// A TCP connection, marked so the output rule lets it pass when `marked`.
+    /// A TCP connection (with `TCP_NODELAY`), marked so the output rule lets it pass when
+    /// `marked`.
     pub async fn connect(&self, addr: SocketAddr, marked: bool) -> io::Result<TcpStream> {
         let socket = self.socket(addr.is_ipv4())?;
         if marked {
@@ -186,7 +187,10 @@ impl Dialer {
                 return Err(io::Error::last_os_error());
             }
         }
-        socket.connect(addr).await
+        let stream = socket.connect(addr).await?;
+        // A proxy relays requests as they come: no Nagle delay on its own sockets.
+        stream.set_nodelay(true)?;
+        Ok(stream)
     }
 }
 

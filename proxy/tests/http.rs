@@ -7,40 +7,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
+use fairlead_controller::Ca;
 use fairlead_proxy::admin::Metrics;
 use fairlead_proxy::http::CLIENT_ID_HEADER;
 use fairlead_proxy::inbound::{self, Authorization};
 use fairlead_proxy::outbound;
 use fairlead_proxy::rotation::CredentialStore;
 use fairlead_proxy::transparent::Dialer;
-use fairlead_proxy::MeshTls;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-fn identity(ca: &Ca, ns: &str, sa: &str) -> MeshTls {
-    let (key, csr) = new_key_and_csr().unwrap();
-    let leaf = ca
-        .issue(
-            &csr,
-            &SpiffeId::new(ca.trust_domain(), ns, sa),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-    MeshTls::from_pem(&leaf.chain_pem, &key, ca.cert_pem()).unwrap()
-}
+mod support;
+use support::{client_id, identity};
 
 /// Answers every request with the identity header it received and the HTTP version.
 async fn who(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let id = req
-        .headers()
-        .get(CLIENT_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_owned();
+    let id = client_id(req.headers());
     Ok(Response::new(Full::new(Bytes::from(format!(
         "{id} {:?}",
         req.version()

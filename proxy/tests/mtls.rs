@@ -15,12 +15,8 @@ use fairlead_proxy::{MeshTls, PeerId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn identity(ca: &Ca, ns: &str, sa: &str, ttl: Duration) -> MeshTls {
-    let (key, csr) = new_key_and_csr().unwrap();
-    let id = SpiffeId::new(ca.trust_domain(), ns, sa);
-    let leaf = ca.issue(&csr, &id, ttl).unwrap();
-    MeshTls::from_pem(&leaf.chain_pem, &key, ca.cert_pem()).unwrap()
-}
+mod support;
+use support::identity_for as identity;
 
 fn peer(ca: &Ca, ns: &str, sa: &str) -> PeerId {
     PeerId(SpiffeId::new(ca.trust_domain(), ns, sa).uri())

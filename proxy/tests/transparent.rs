@@ -11,26 +11,17 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairlead_controller::{new_key_and_csr, Ca, SpiffeId};
+use fairlead_controller::{Ca, SpiffeId};
 use fairlead_proxy::admin::Metrics;
 use fairlead_proxy::inbound::{self, AppTarget, Authorization};
 use fairlead_proxy::outbound::{self, Route};
 use fairlead_proxy::rotation::CredentialStore;
 use fairlead_proxy::transparent::{nft_ruleset, Dialer, INBOUND_PORT, OUTBOUND_PORT};
-use fairlead_proxy::{MeshTls, PeerId};
+use fairlead_proxy::PeerId;
 use fairlead_testkit::{require_root, Netns, Veth};
 
-fn identity(ca: &Ca, ns: &str, sa: &str) -> MeshTls {
-    let (key, csr) = new_key_and_csr().unwrap();
-    let leaf = ca
-        .issue(
-            &csr,
-            &SpiffeId::new(ca.trust_domain(), ns, sa),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-    MeshTls::from_pem(&leaf.chain_pem, &key, ca.cert_pem()).unwrap()
-}
+mod support;
+use support::identity;
 
 fn nft(ns: &Netns, ruleset: &str) {
     let mut cmd = ns.command("nft").unwrap();

@@ -83,9 +83,18 @@ fn fake_answer(query: &[u8], udp: bool) -> Vec<u8> {
 
 impl FakeUpstream {
     async fn start() -> Self {
-        let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // UDP and TCP on one port: the port the kernel picks for UDP may be taken for TCP
+        // (by any other process's connection), so try again with another.
+        let mut attempts = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (Arc::new(udp), addr, tcp),
+                Err(_) if attempts < 100 => attempts += 1,
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let down = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(AtomicUsize::new(0));
         let (d, n) = (Arc::clone(&down), Arc::clone(&queries));

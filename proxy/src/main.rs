@@ -1,0 +1,232 @@
+//! `fairlead-proxy`: the sidecar as a process. Credentials come from PEM files (the node
+//! agent's socket is the production source, still to come); the inbound listener
+//! terminates mTLS and hands connections to the application; the outbound listener either
+//! originates mTLS to one fixed peer (`--outbound-to`) or, with interception, routes by
+//! original destination. One worker thread by default, as a sidecar should be sized.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
+use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode};
+use fairlead_proxy::outbound::{self, Destination};
+use fairlead_proxy::rotation::CredentialStore;
+use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use fairlead_proxy::{MeshTls, PeerId};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fairlead-proxy",
+    about = "The Fairlead mesh sidecar: mTLS with SPIFFE identities"
+)]
+struct Args {
+    /// The workload's certificate chain (PEM, leaf first; its single URI SAN is the
+    /// proxy's SPIFFE ID).
+    #[arg(long)]
+    cert: PathBuf,
+    /// The workload's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The trust bundle (PEM roots).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Inbound (mTLS) listener; `none` to have none.
+    #[arg(long, default_value_t = format!("[::]:{INBOUND_PORT}"))]
+    inbound: String,
+    /// Where inbound connections go: an address, or `original` (localhost at the port the
+    /// client dialed; needs interception).
+    #[arg(long, default_value = "original")]
+    app: String,
+    /// Who may connect inbound: `trust-domain`, or a comma-separated list of SPIFFE IDs.
+    #[arg(long, default_value = "trust-domain")]
+    allow: String,
+    /// `strict` refuses plaintext inbound; `permissive` passes it to the application (for
+    /// migrating a workload into the mesh).
+    #[arg(long, default_value = "strict")]
+    mode: String,
+    /// Outbound listener; `none` to have none.
+    #[arg(long, default_value_t = format!("[::]:{OUTBOUND_PORT}"))]
+    outbound: String,
+    /// Send every outbound connection over mTLS to this peer sidecar (instead of routing
+    /// intercepted connections by their original destination).
+    #[arg(long)]
+    outbound_to: Option<SocketAddr>,
+    /// The SPIFFE ID the `--outbound-to` peer must present (repeatable; any identity of
+    /// the trust domain when absent).
+    #[arg(long)]
+    outbound_expect: Vec<String>,
+    /// Admin listener (/ready, /live, /metrics, /config); `none` to have none.
+    #[arg(long, default_value_t = format!("[::]:{ADMIN_PORT}"))]
+    admin: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Never resume TLS sessions (every handshake a full one).
+    #[arg(long)]
+    no_tls_resumption: bool,
+}
+
+fn listen_addr(flag: &str, value: &str) -> Result<Option<SocketAddr>, String> {
+    if value == "none" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e| format!("--{flag} {value:?}: not an address (ip:port) or `none`: {e}"))
+}
+
+fn read(path: &PathBuf, what: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FAIRLEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fairlead-proxy: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let tls = MeshTls::from_pem(
+        &read(&args.cert, "certificate chain")?,
+        &read(&args.key, "private key")?,
+        &read(&args.bundle, "trust bundle")?,
+    )
+    .map_err(|e| format!("credentials: {e}"))?;
+    let creds = CredentialStore::with_resumption(tls, !args.no_tls_resumption)
+        .map_err(|e| format!("credentials: {e}"))?;
+    let inbound_at = listen_addr("inbound", &args.inbound)?;
+    let outbound_at = listen_addr("outbound", &args.outbound)?;
+    let admin_at = listen_addr("admin", &args.admin)?;
+    let app = match args.app.as_str() {
+        "original" => AppTarget::OriginalPort,
+        a => AppTarget::Fixed(
+            a.parse()
+                .map_err(|e| format!("--app {a:?}: not an address or `original`: {e}"))?,
+        ),
+    };
+    let authz = match args.allow.as_str() {
+        "trust-domain" => Authorization::TrustDomain,
+        list => Authorization::Only(
+            list.split(',')
+                .map(|id| spiffe_arg("allow", id))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let mode: Mode = args.mode.parse()?;
+    let destination = match args.outbound_to {
+        Some(endpoint) => Some(Destination::Fixed {
+            endpoint,
+            expected: args
+                .outbound_expect
+                .iter()
+                .map(|id| spiffe_arg("outbound-expect", id))
+                .collect::<Result<_, _>>()?,
+        }),
+        None if outbound_at.is_some() => {
+            return Err(
+                "--outbound needs --outbound-to: routing intercepted connections by \
+                 their original destination needs routes from the node agent, which this \
+                 binary does not read yet (use --outbound none to run inbound only)"
+                    .into(),
+            )
+        }
+        None => None,
+    };
+    if args.workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    // One worker: everything on this thread (no hand-off between the accepting thread and
+    // a worker, no work stealing). More: a multi-threaded runtime.
+    let runtime = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let metrics = Metrics::new();
+        let dialer = Dialer::here();
+        let bind = |at: SocketAddr| async move {
+            tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| format!("listening on {at}: {e}"))
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(at) = inbound_at {
+            let l = bind(at).await?;
+            tasks.spawn(inbound::serve_mode(
+                l,
+                Arc::clone(&creds),
+                app,
+                authz,
+                mode,
+                Arc::new(|_: &PeerId| {}),
+                Arc::clone(&metrics),
+                dialer.clone(),
+            ));
+        }
+        if let (Some(at), Some(destination)) = (outbound_at, destination) {
+            let l = bind(at).await?;
+            tasks.spawn(outbound::serve(
+                l,
+                Arc::clone(&creds),
+                destination,
+                Arc::clone(&metrics),
+                dialer.clone(),
+            ));
+        }
+        if let Some(at) = admin_at {
+            let l = bind(at).await?;
+            let config = ProxyConfig {
+                inbound: inbound_at,
+                outbound: outbound_at,
+                application: match app {
+                    AppTarget::Fixed(a) => Some(a),
+                    AppTarget::OriginalPort => None,
+                },
+                mode: mode.to_string(),
+            };
+            let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
+            tasks.spawn(async move {
+                admin::serve(l, creds, metrics, config).await;
+                Ok(())
+            });
+        }
+        tracing::info!(identity = %creds.tls().id(), "fairlead-proxy serving");
+        match tasks.join_next().await {
+            Some(Ok(Err(e))) => Err(format!("a listener failed: {e}")),
+            Some(Err(e)) => Err(format!("a listener task ended: {e}")),
+            _ => Ok(()),
+        }
+    })
+}
+
+fn spiffe_arg(flag: &str, id: &str) -> Result<PeerId, String> {
+    let p = PeerId(id.to_owned());
+    if !id.starts_with("spiffe://") || p.trust_domain().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--{flag} {id:?}: not a SPIFFE ID (spiffe://<trust-domain>/...)"
+        ));
+    }
+    Ok(p)
+}
