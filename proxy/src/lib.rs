@@ -9,6 +9,7 @@
 //! serving with its valid certificate while it retries with backoff.
 
 pub mod admin;
+pub mod balance;
 pub mod http;
 pub mod inbound;
 pub mod outbound;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode};
-use fairlead_proxy::outbound::{self, Destination};
+use fairlead_proxy::outbound::{self, Destination, Endpoint};
 use fairlead_proxy::rotation::CredentialStore;
 use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use fairlead_proxy::{MeshTls, PeerId};
@@ -50,10 +50,11 @@ struct Args {
     #[arg(long, default_value_t = format!("[::]:{OUTBOUND_PORT}"))]
     outbound: String,
     /// Send every outbound connection over mTLS to this peer sidecar (instead of routing
-    /// intercepted connections by their original destination).
+    /// intercepted connections by their original destination). Repeatable: each connection
+    /// goes to one of them, by power of two choices over connection latency.
     #[arg(long)]
-    outbound_to: Option<SocketAddr>,
-    /// The SPIFFE ID the `--outbound-to` peer must present (repeatable; any identity of
+    outbound_to: Vec<SocketAddr>,
+    /// The SPIFFE ID the `--outbound-to` peers must present (repeatable; any identity of
     /// the trust domain when absent).
     #[arg(long)]
     outbound_expect: Vec<String>,
@@ -128,24 +129,30 @@ fn run(args: Args) -> Result<(), String> {
         ),
     };
     let mode: Mode = args.mode.parse()?;
-    let destination = match args.outbound_to {
-        Some(endpoint) => Some(Destination::Fixed {
-            endpoint,
-            expected: args
-                .outbound_expect
+    let expected: Vec<PeerId> = args
+        .outbound_expect
+        .iter()
+        .map(|id| spiffe_arg("outbound-expect", id))
+        .collect::<Result<_, _>>()?;
+    let destination = if !args.outbound_to.is_empty() {
+        Some(Destination::Fixed(
+            args.outbound_to
                 .iter()
-                .map(|id| spiffe_arg("outbound-expect", id))
-                .collect::<Result<_, _>>()?,
-        }),
-        None if outbound_at.is_some() => {
-            return Err(
-                "--outbound needs --outbound-to: routing intercepted connections by \
-                 their original destination needs routes from the node agent, which this \
-                 binary does not read yet (use --outbound none to run inbound only)"
-                    .into(),
-            )
-        }
-        None => None,
+                .map(|addr| Endpoint {
+                    addr: *addr,
+                    expected: Some(expected.clone()),
+                })
+                .collect(),
+        ))
+    } else if outbound_at.is_some() {
+        return Err(
+            "--outbound needs --outbound-to: routing intercepted connections by \
+             their original destination needs routes from the node agent, which this \
+             binary does not read yet (use --outbound none to run inbound only)"
+                .into(),
+        );
+    } else {
+        None
     };
     if args.workers == 0 {
         return Err("--workers must be at least 1".into());

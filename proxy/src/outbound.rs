@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use crate::admin::{label, Metrics};
+use crate::balance::{Balancer, Chosen};
 use crate::rotation::CredentialStore;
 use crate::tls::{MeshTls, PeerId};
 use crate::transparent::Dialer;
@@ -27,6 +28,17 @@ pub enum Route {
     },
     /// Outside the mesh: straight to the original destination, in the clear.
     Passthrough,
+    /// A Service: the proxy chooses one of its endpoints ([`crate::balance`]).
+    Balance(Vec<Endpoint>),
+}
+
+/// One endpoint of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The identities its sidecar may present; `None` for an endpoint outside the mesh
+    /// (reached in the clear).
+    pub expected: Option<Vec<PeerId>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +94,9 @@ pub enum Destination {
     /// Intercepted connections: each goes where the function says for its original
     /// destination (the sidecar's transparent listener).
     Transparent(Arc<dyn Fn(SocketAddr) -> Route + Send + Sync>),
-    /// Every connection to one meshed endpoint, whose sidecar must be one of `expected`
-    /// (an explicit listener: a gateway, or a client that dials the proxy itself).
-    Fixed {
-        endpoint: SocketAddr,
-        expected: Vec<PeerId>,
-    },
+    /// Every connection to the same meshed endpoints, chosen among them when there are
+    /// several (an explicit listener: a gateway, or a client that dials the proxy itself).
+    Fixed(Vec<Endpoint>),
 }
 
 /// Serves outbound connections from `listener` until the task is dropped.
@@ -99,28 +108,27 @@ pub async fn serve(
     dialer: Dialer,
 ) -> std::io::Result<()> {
     let slots = crate::admin::connection_slots();
+    let balancer = Balancer::new();
     loop {
         let (local, peer) = listener.accept().await?;
         let Some(permit) = crate::admin::admit(&slots, &metrics, "outbound", peer) else {
             continue;
         };
         let _ = local.set_nodelay(true);
-        let (creds, destination, metrics, dialer) = (
+        let (creds, destination, metrics, dialer, balancer) = (
             Arc::clone(&creds),
             destination.clone(),
             Arc::clone(&metrics),
             dialer.clone(),
+            Arc::clone(&balancer),
         );
         tokio::spawn(async move {
             let _permit = permit;
             let (orig, route) = match &destination {
-                Destination::Fixed { endpoint, expected } => (
-                    *endpoint,
-                    Route::Mesh {
-                        endpoint: *endpoint,
-                        expected: expected.clone(),
-                    },
-                ),
+                Destination::Fixed(endpoints) => match endpoints.first() {
+                    Some(first) => (first.addr, Route::Balance(endpoints.clone())),
+                    None => return,
+                },
                 Destination::Transparent(route) => match crate::transparent::original_dst(&local) {
                     Ok(o) => (o, route(o)),
                     Err(e) => {
@@ -129,7 +137,33 @@ pub async fn serve(
                     }
                 },
             };
-            forward(local, orig, route, &creds, &metrics, &dialer).await;
+            let (hop, chosen) = match route {
+                Route::Mesh { endpoint, expected } => (Hop::Mesh { endpoint, expected }, None),
+                Route::Passthrough => (Hop::Clear(orig), None),
+                Route::Balance(endpoints) => {
+                    let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                    let Some(chosen) = balancer.pick(&addrs) else {
+                        metrics.inc(
+                            "fairlead_proxy_outbound_refused_total",
+                            label("destination", &orig.to_string()),
+                        );
+                        tracing::warn!(%orig, "outbound: the Service has no endpoint");
+                        return;
+                    };
+                    let hop = match endpoints.into_iter().find(|e| e.addr == chosen.addr) {
+                        Some(Endpoint {
+                            addr,
+                            expected: Some(expected),
+                        }) => Hop::Mesh {
+                            endpoint: addr,
+                            expected,
+                        },
+                        _ => Hop::Clear(chosen.addr),
+                    };
+                    (hop, Some(chosen))
+                }
+            };
+            forward(local, orig, hop, &creds, &metrics, &dialer, chosen.as_ref()).await;
         });
     }
 }
@@ -152,20 +186,44 @@ pub async fn serve_transparent(
     .await
 }
 
+/// Where one outbound connection goes, once routed.
+enum Hop {
+    /// mTLS to this sidecar, which must be one of `expected`.
+    Mesh {
+        endpoint: SocketAddr,
+        expected: Vec<PeerId>,
+    },
+    /// In the clear to this address.
+    Clear(SocketAddr),
+}
+
+/// Forwards `local` (whose original destination was `orig`) to `hop`. A balanced choice is
+/// told how the connection setup went.
 async fn forward(
     mut local: TcpStream,
     orig: SocketAddr,
-    route: Route,
+    hop: Hop,
     creds: &CredentialStore,
     metrics: &Metrics,
     dialer: &Dialer,
+    chosen: Option<&Chosen>,
 ) {
-    match route {
-        Route::Mesh { endpoint, expected } => {
+    let setup = |ok: bool| {
+        if let Some(c) = chosen {
+            if ok {
+                c.connected()
+            } else {
+                c.failed()
+            }
+        }
+    };
+    match hop {
+        Hop::Mesh { endpoint, expected } => {
             let attempt = match creds.client_config(expected) {
                 Ok(config) => connect_with(config, endpoint, dialer).await,
                 Err(e) => Err(OutboundError::from(e)),
             };
+            setup(attempt.is_ok());
             match attempt {
                 Ok(mut tls) => {
                     let server = tls
@@ -191,12 +249,15 @@ async fn forward(
                 }
             }
         }
-        Route::Passthrough => match dialer.connect(orig, true).await {
+        Hop::Clear(to) => match dialer.connect(to, true).await.inspect(|_| setup(true)) {
             Ok(mut remote) => {
                 metrics.inc("fairlead_proxy_outbound_passthrough_total", String::new());
                 let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
             }
-            Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
+            Err(e) => {
+                setup(false);
+                tracing::debug!(%orig, %to, error = %e, "passthrough connect failed")
+            }
         },
     }
 }

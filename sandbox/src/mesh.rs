@@ -17,13 +17,12 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
 use fairlead_core::{Pod, PortRef, Snapshot};
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization};
-use fairlead_proxy::outbound::{self, Route};
+use fairlead_proxy::outbound::{self, Endpoint, Route};
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
 use fairlead_proxy::transparent::{nft_ruleset, Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use fairlead_proxy::{MeshTls, PeerId};
@@ -270,7 +269,7 @@ fn route(snap: &Snapshot, trust_domain: &str, orig: SocketAddr) -> Route {
             expected: vec![id],
         };
     }
-    // A Service address: pick a ready endpoint (random for now).
+    // A Service address: its ready endpoints of the same family.
     for svc in snap.services().values() {
         if !svc.cluster_ips.ips().contains(&orig.ip()) {
             continue;
@@ -301,22 +300,16 @@ fn route(snap: &Snapshot, trust_domain: &str, orig: SocketAddr) -> Route {
         if candidates.is_empty() {
             return Route::Passthrough;
         }
-        let pick = candidates[random_index(candidates.len())];
-        return match meshed_pod(pick.ip()) {
-            Some(id) => Route::Mesh {
-                endpoint: pick,
-                expected: vec![id],
-            },
-            None => Route::Passthrough,
-        };
+        // The proxy chooses among them (power of two choices over latency).
+        return Route::Balance(
+            candidates
+                .into_iter()
+                .map(|addr| Endpoint {
+                    addr,
+                    expected: meshed_pod(addr.ip()).map(|id| vec![id]),
+                })
+                .collect(),
+        );
     }
     Route::Passthrough
-}
-
-fn random_index(n: usize) -> usize {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .subsec_nanos() as usize;
-    nanos % n.max(1)
 }
