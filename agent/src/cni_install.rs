@@ -49,8 +49,15 @@ pub struct PluginConf {
     /// ADD asks the agent to attach its eBPF datapath to the new veth (when the agent runs one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attach_datapath: bool,
+    /// What the plugin asks the runtime for in `runtimeConfig`: the pod's annotations
+    /// (`io.kubernetes.cri.pod-annotations`, containerd and CRI-O), so a pod that asks for
+    /// the mesh gets its interception rules at ADD.
+    pub capabilities: std::collections::BTreeMap<String, bool>,
     pub ipam: IpamConf,
 }
+
+/// The runtime capability that passes a pod's annotations to the plugin.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -110,6 +117,7 @@ impl Conflist {
                 agent_socket: agent_socket.to_owned(),
                 enable_forwarding: true,
                 attach_datapath: false,
+                capabilities: [(POD_ANNOTATIONS_CAPABILITY.to_owned(), true)].into(),
                 ipam: IpamConf {
                     ipam_type: IPAM_TYPE.to_owned(),
                     ranges: node.pod_cidrs.iter().map(|c| c.to_string()).collect(),
@@ -239,6 +247,7 @@ mod tests {
                     "mtu": 1450,
                     "agentSocket": "/run/fairlead/agent.sock",
                     "enableForwarding": true,
+                    "capabilities": {"io.kubernetes.cri.pod-annotations": true},
                     "ipam": {
                         "type": "fairlead",
                         "ranges": ["10.244.1.0/24", "fd00:10:244:1::/64"],

@@ -13,6 +13,7 @@
 //!   "agentSocket": "/run/fairlead/agent.sock",
 //!   "agentHandoffTimeoutMs": 100,
 //!   "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]},
+//!   "capabilities": {"io.kubernetes.cri.pod-annotations": true},
 //!   "ipam": {
 //!     "type": "fairlead",
 //!     "ranges": ["10.244.1.0/24", "fd00:10:244:1::/64"],
@@ -25,6 +26,11 @@
 //! Required: `cniVersion` (or a `cniVersions` list), `name`, and `ipam` with
 //! `type` and `ranges` (at most one IPv4 and one IPv6 subnet, host bits clear)
 //! for ADD, DEL, CHECK and GC. GC also needs `cni.dev/valid-attachments`.
+//!
+//! With the `io.kubernetes.cri.pod-annotations` capability the runtime (containerd, CRI-O)
+//! passes the pod's annotations in `runtimeConfig`; a pod annotated `fairlead.io/inject:
+//! "true"` gets the mesh's interception rules in its namespace at ADD
+//! (`fairlead.io/skip-inbound-ports` lists inbound ports left alone), before it can run.
 //!
 //! Decoding is lenient where the spec asks for it (unknown top-level fields
 //! are ignored: the runtime adds `runtimeConfig`, `args` and others) and strict
@@ -143,8 +149,18 @@ struct RawConf {
     #[serde(default)]
     dns: Dns,
     prev_result: Option<Value>,
+    #[serde(default)]
+    runtime_config: RawRuntimeConfig,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// The parts of `runtimeConfig` this plugin reads (the runtime fills in what the
+/// conflist's `capabilities` ask for; the rest is ignored).
+#[derive(Debug, Default, Deserialize)]
+struct RawRuntimeConfig {
+    #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
+    pod_annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,6 +227,16 @@ pub struct NetConf {
     pub dns: Dns,
     pub prev_result: Option<CniResult>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// The pod asked for the mesh (`fairlead.io/inject: "true"` in the annotations the
+    /// runtime passed): ADD installs the interception rules in its namespace.
+    pub mesh: Option<MeshConf>,
+}
+
+/// Interception for a meshed pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConf {
+    /// Inbound ports left alone (`fairlead.io/skip-inbound-ports`).
+    pub skip_inbound: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -342,6 +368,28 @@ impl NetConf {
             })
             .transpose()?;
 
+        let mesh = match &raw.runtime_config.pod_annotations {
+            Some(a) if fairlead_netns::mesh::wants_mesh(|k| a.get(k).map(String::as_str)) => {
+                let skip = a
+                    .get(fairlead_netns::mesh::SKIP_INBOUND_PORTS_ANNOTATION)
+                    .map(|v| fairlead_netns::mesh::parse_ports(v))
+                    .transpose()
+                    .map_err(|reason| {
+                        ConfigError::invalid(
+                            format!(
+                                "runtimeConfig.io.kubernetes.cri.pod-annotations.{}",
+                                fairlead_netns::mesh::SKIP_INBOUND_PORTS_ANNOTATION
+                            ),
+                            reason,
+                        )
+                    })?;
+                Some(MeshConf {
+                    skip_inbound: skip.unwrap_or_default(),
+                })
+            }
+            _ => None,
+        };
+
         Ok(NetConf {
             version,
             name,
@@ -355,6 +403,7 @@ impl NetConf {
             dns: raw.dns,
             prev_result,
             valid_attachments: raw.valid_attachments,
+            mesh,
         })
     }
 

@@ -92,6 +92,13 @@ pub enum PluginError {
         reason: String,
     },
 
+    #[error(
+        "the pod asks for the mesh (fairlead.io/inject), but its interception rules could \
+         not be installed in {netns}: {reason}; it would bypass its sidecar, so it is not \
+         started"
+    )]
+    Mesh { netns: String, reason: String },
+
     /// A failure whose rollback did not complete: the notes say what is left.
     #[error("{error}; rollback incomplete: {notes}")]
     RollbackIncomplete {
@@ -134,6 +141,7 @@ impl PluginError {
             PluginError::AlreadyExists { .. } => ALREADY_ATTACHED,
             PluginError::Check(_) => CHECK_FAILED,
             PluginError::AgentUnavailable { .. } | PluginError::Datapath { .. } => NOT_AVAILABLE,
+            PluginError::Mesh { .. } => IO_FAILURE,
             PluginError::RollbackIncomplete { error, .. } => error.code(),
         }
     }

@@ -64,6 +64,10 @@ impl NetnsFile {
         self.file.as_raw_fd()
     }
 
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

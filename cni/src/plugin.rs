@@ -165,6 +165,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
     let names = Names::new(container_id, ifname);
 
     let mut created = false;
+    let mut intercepting = false;
     let wired = wire(
         &mut host,
         &mut pod,
@@ -176,6 +177,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
         &mut created,
     )
     .and_then(|result| {
+        if let Some(mesh) = &conf.mesh {
+            intercept(&netns, mesh)?;
+            intercepting = true;
+        }
         if conf.attach_datapath {
             attach_datapath(conf, &names.host, &pod_ref(env), &allocations)?;
         }
@@ -187,6 +192,12 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
             // Reverse order: the veth (which takes its addresses, routes
             // and neighbours with it, on both sides), then the addresses.
             let mut notes = Vec::new();
+            if intercepting {
+                let delete = format!("delete table inet {}\n", fairlead_netns::mesh::TABLE);
+                if let Err(e) = fairlead_netns::mesh::load_ruleset(netns.as_fd(), &delete) {
+                    notes.push(format!("interception rules left behind: {e}"));
+                }
+            }
             if created {
                 if let Err(e) = host.delete_link(&names.host) {
                     notes.push(format!("interface {} left behind: {e}", names.host));
@@ -207,6 +218,19 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
     Ok(match &conf.prev_result {
         Some(prev) => prev.clone().merge(ours),
         None => ours,
+    })
+}
+
+/// Installs the mesh's interception rules (nftables, [`fairlead_netns::mesh`]) in the pod's
+/// namespace: its inbound and outbound TCP go to its sidecar from the first packet.
+fn intercept(netns: &NetnsFile, mesh: &crate::config::MeshConf) -> Result<(), PluginError> {
+    fairlead_netns::mesh::load_ruleset(
+        netns.as_fd(),
+        &fairlead_netns::mesh::nft_ruleset(&mesh.skip_inbound),
+    )
+    .map_err(|e| PluginError::Mesh {
+        netns: netns.path().display().to_string(),
+        reason: e.to_string(),
     })
 }
 

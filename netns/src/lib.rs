@@ -4,6 +4,8 @@
 //! caller's namespace never changes. The agent, the eBPF loader and the
 //! sandbox build their own handles on these two.
 
+pub mod mesh;
+
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;

@@ -11,44 +11,9 @@ use std::sync::Arc;
 
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Where intercepted inbound connections land.
-pub const INBOUND_PORT: u16 = 15006;
-/// Where intercepted outbound connections land.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// The admin port, never intercepted (kubelet probes).
-pub const ADMIN_PORT: u16 = 15020;
-/// `SO_MARK` of the proxy's own sockets.
-pub const PROXY_MARK: u32 = 0x0fa1_1539;
-
-/// The nftables ruleset for a pod namespace (one transaction for `nft -f -`). Loopback is
-/// never intercepted; inbound ports in `skip_inbound` (the admin port, server-speaks-first
-/// ports run in the clear if the user says so) pass untouched.
-pub fn nft_ruleset(skip_inbound: &[u16]) -> String {
-    let mut skip: Vec<u16> = vec![INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT];
-    skip.extend_from_slice(skip_inbound);
-    skip.sort_unstable();
-    skip.dedup();
-    let skip: Vec<String> = skip.iter().map(u16::to_string).collect();
-    format!(
-        "table inet fairlead_mesh {{\n\
-         \tchain prerouting {{\n\
-         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-         \t\tiifname \"lo\" return\n\
-         \t\ttcp dport {{ {skip} }} return\n\
-         \t\tmeta l4proto tcp redirect to :{INBOUND_PORT}\n\
-         \t}}\n\
-         \tchain output {{\n\
-         \t\ttype nat hook output priority -100; policy accept;\n\
-         \t\tmeta mark {PROXY_MARK:#x} return\n\
-         \t\toifname \"lo\" return\n\
-         \t\tip daddr 127.0.0.0/8 return\n\
-         \t\tip6 daddr ::1 return\n\
-         \t\tmeta l4proto tcp redirect to :{OUTBOUND_PORT}\n\
-         \t}}\n\
-         }}\n",
-        skip = skip.join(", ")
-    )
-}
+/// The ports, the mark and the ruleset, defined once for the plugin, the proxy and the
+/// sandbox.
+pub use fairlead_netns::mesh::{nft_ruleset, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 
 /// Where a redirected connection was going (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`).
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
@@ -191,22 +156,5 @@ impl Dialer {
         // A proxy relays requests as they come: no Nagle delay on its own sockets.
         stream.set_nodelay(true)?;
         Ok(stream)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ruleset_skips_the_proxy_and_loopback() {
-        let r = nft_ruleset(&[3306]);
-        assert!(
-            r.contains("tcp dport { 3306, 15001, 15006, 15020 } return"),
-            "{r}"
-        );
-        assert!(r.contains("redirect to :15006"));
-        assert!(r.contains("meta mark 0xfa11539 return"));
-        assert!(r.contains("redirect to :15001"));
     }
 }

@@ -65,6 +65,9 @@ struct Declared {
     ports: Vec<(u16, fairlead_core::Protocol)>,
     /// The pod, when it asked for a mesh sidecar.
     sidecar: Option<std::sync::Arc<fairlead_core::Pod>>,
+    /// The pod's annotations, passed to the CNI plugin as containerd does (the
+    /// `io.kubernetes.cri.pod-annotations` capability).
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// The namespace a sandbox pod lives in.
@@ -193,8 +196,13 @@ impl Kubelet {
         pod_ns_path: &str,
         namespace: &str,
         pod: &str,
+        annotations: &std::collections::BTreeMap<String, String>,
     ) -> Result<Value, CniCallError> {
-        let (conf, plugin) = self.net_conf()?;
+        let (mut conf, plugin) = self.net_conf()?;
+        // What containerd's CRI plugin does for a plugin that declares the capability.
+        if conf["capabilities"]["io.kubernetes.cri.pod-annotations"] == json!(true) {
+            conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": annotations});
+        }
         let bin = self.cni.bin.join(&plugin);
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", netns::path(&self.node_netns).display()))
@@ -268,6 +276,7 @@ impl Kubelet {
                             dns,
                             ports,
                             sidecar: crate::mesh::injected(p).then(|| std::sync::Arc::clone(p)),
+                            annotations: p.annotations.clone().into_iter().collect(),
                         },
                     ),
                 )
@@ -319,7 +328,7 @@ impl Kubelet {
             let _ = std::fs::create_dir_all(cg.join(&ns));
         }
         let ns_path = netns::path(&ns).display().to_string();
-        let result = match self.cni("ADD", uid, &ns_path, namespace, name) {
+        let result = match self.cni("ADD", uid, &ns_path, namespace, name, &declared.annotations) {
             Ok(r) => r,
             Err(e) => {
                 let _ = netns::delete(&ns);
@@ -338,6 +347,20 @@ impl Kubelet {
             pod: name.into(),
             node: self.node.clone(),
         };
+        // The sidecar first, as a native sidecar starts before the app: the CNI plugin has
+        // already pointed the pod's TCP at it.
+        let sidecar =
+            match (&self.mesh, &declared.sidecar) {
+                (Some(mesh), Some(pod)) => {
+                    Some(mesh.start_sidecar(&ns, pod).await.map_err(|e| {
+                        crate::Error::Workload {
+                            pod: name.into(),
+                            source: std::io::Error::other(format!("sidecar: {e:#}")),
+                        }
+                    })?)
+                }
+                _ => None,
+            };
         let workload = match (&self.snapshots, declared.dns) {
             (Some(snapshots), true) => workload::start_dns(&ns, id, snapshots.clone())?,
             _ => workload::start(&ns, id, &declared.ports)?,
@@ -360,18 +383,6 @@ impl Kubelet {
         pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
         tracing::info!(node = %self.node, pod = %format!("{namespace}/{name}"), ips = ?ips, "pod running");
-        let sidecar =
-            match (&self.mesh, &declared.sidecar) {
-                (Some(mesh), Some(pod)) => {
-                    Some(mesh.start_sidecar(&ns, pod).await.map_err(|e| {
-                        crate::Error::Workload {
-                            pod: name.into(),
-                            source: std::io::Error::other(format!("sidecar: {e:#}")),
-                        }
-                    })?)
-                }
-                _ => None,
-            };
         Ok(RunningPod {
             netns: ns,
             namespace: namespace.into(),
@@ -384,7 +395,14 @@ impl Kubelet {
     fn teardown(&self, uid: &str, p: RunningPod) {
         let ns_path = netns::path(&p.netns).display().to_string();
         drop(p._workload);
-        if let Err(e) = self.cni("DEL", uid, &ns_path, &p.namespace, &p.name) {
+        if let Err(e) = self.cni(
+            "DEL",
+            uid,
+            &ns_path,
+            &p.namespace,
+            &p.name,
+            &Default::default(),
+        ) {
             tracing::warn!(node = %self.node, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "CNI DEL failed");
         }
         let _ = netns::delete(&p.netns);

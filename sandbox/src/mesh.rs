@@ -5,17 +5,17 @@
 //! The sandbox is the mesh CA's home (a `fairlead-controller` `CertIssuer` against the
 //! sandbox's API server, its root in the Secret `fairlead-system/fairlead-ca`). Each sidecar
 //! proves its pod's ServiceAccount with a token from TokenRequest and gets a certificate
-//! for its own key. Interception is the proxy's nftables ruleset in the pod's namespace.
+//! for its own key.
 //! Outbound connections are routed from the cluster snapshot: a ClusterIP or pod address
 //! whose endpoint is a meshed pod becomes mTLS to that pod, checked against its
-//! ServiceAccount's identity; anything else passes in the clear.
+//! ServiceAccount's identity; anything else passes in the clear. Interception is the CNI
+//! plugin's: the kubelet passes the pod's annotations as containerd does, and the plugin
+//! installs the nftables rules at ADD, before the sidecar and the app start.
 //!
 //! Not the production path yet: on a real node the proxy gets its certificate and routes
 //! from the node agent's socket; here the kubelet hands them over in-process.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
@@ -24,7 +24,7 @@ use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization};
 use fairlead_proxy::outbound::{self, Endpoint, Route};
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
-use fairlead_proxy::transparent::{nft_ruleset, Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use fairlead_proxy::{MeshTls, PeerId};
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use crate::netns;
 
 /// The annotation that asks for a sidecar (the injection webhook's, on a real cluster).
-pub const INJECT_ANNOTATION: &str = "fairlead.io/inject";
+pub use fairlead_netns::mesh::INJECT_ANNOTATION;
 
 /// Whether a pod asked for a sidecar.
 pub fn injected(pod: &Pod) -> bool {
@@ -116,7 +116,6 @@ impl Mesh {
                 };
                 Ok((bind(INBOUND_PORT)?, bind(OUTBOUND_PORT)?, bind(ADMIN_PORT)?))
             })??;
-        nft_in(pod_netns, &nft_ruleset(&[]))?;
 
         let dialer = Dialer::in_netns(std::fs::File::open(netns::path(pod_netns))?)?;
         let metrics = Metrics::new();
@@ -232,26 +231,6 @@ impl CertSource for PodSource {
             })
         })
     }
-}
-
-fn nft_in(pod_netns: &str, ruleset: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", pod_netns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(ruleset.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "nft in {pod_netns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// Where an intercepted connection to `orig` goes: a meshed pod (directly, or the meshed

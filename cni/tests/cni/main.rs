@@ -5,6 +5,7 @@
 mod errors;
 mod handoff;
 mod harness;
+mod mesh;
 mod storm;
 mod traffic;
 mod verbs;
