@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +25,63 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Request statistics by their label set (direction, peer identity, route).
+    requests: Mutex<BTreeMap<String, Arc<RequestStats>>>,
+}
+
+/// Upper bounds (seconds) of the request latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// Request label sets kept at most (a peer or route past it is counted under `other`).
+pub const MAX_REQUEST_SERIES: usize = 2048;
+
+/// One label set's requests: by status class, failures without a response, and the time
+/// to the response's headers. Lock-free: a connection looks its set up once and every
+/// request then costs a few atomic adds.
+#[derive(Default)]
+pub struct RequestStats {
+    /// 1xx to 5xx.
+    by_class: [AtomicU64; 5],
+    /// No response at all (the application failed or went away).
+    failures: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl RequestStats {
+    /// A request answered with `status` after `latency`.
+    pub fn answered(&self, status: u16, latency: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Relaxed);
+        self.observe(latency);
+    }
+
+    /// A request that got no response.
+    pub fn failed(&self, latency: Duration) {
+        self.failures.fetch_add(1, Relaxed);
+        self.observe(latency);
+    }
+
+    fn observe(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(latency.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    /// Requests answered with a status of this class (2 for 2xx).
+    pub fn answered_total(&self, class: u16) -> u64 {
+        self.by_class[usize::from(class.clamp(1, 5)) - 1].load(Relaxed)
+    }
+
+    pub fn failures_total(&self) -> u64 {
+        self.failures.load(Relaxed)
+    }
 }
 
 impl Metrics {
@@ -35,6 +93,27 @@ impl Metrics {
     pub fn inc(&self, name: &'static str, label: impl Into<String>) {
         let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         *c.entry((name, label.into())).or_default() += 1;
+    }
+
+    /// The request statistics of one (direction, peer, route): looked up once per
+    /// connection.
+    pub fn requests(&self, direction: &str, peer: &str, route: &str) -> Arc<RequestStats> {
+        let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = format!(
+            "{},{},{}",
+            label("direction", direction),
+            label("peer", peer),
+            label("route", route)
+        );
+        if r.len() >= MAX_REQUEST_SERIES && !r.contains_key(&key) {
+            key = format!(
+                "{},{},{}",
+                label("direction", direction),
+                label("peer", "other"),
+                label("route", "other")
+            );
+        }
+        Arc::clone(r.entry(key).or_default())
     }
 
     pub fn get(&self, name: &'static str, label: &str) -> u64 {
@@ -55,6 +134,60 @@ impl Metrics {
                 last = name;
             }
             let _ = writeln!(out, "{name}{{{label}}} {value}");
+        }
+        drop(c);
+        let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# TYPE fairlead_proxy_requests_total counter");
+        for (labels, s) in r.iter() {
+            for (i, n) in s.by_class.iter().enumerate() {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "fairlead_proxy_requests_total{{{labels},status_class=\"{}xx\"}} {n}",
+                        i + 1
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "# TYPE fairlead_proxy_request_failures_total counter");
+        for (labels, s) in r.iter() {
+            let _ = writeln!(
+                out,
+                "fairlead_proxy_request_failures_total{{{labels}}} {}",
+                s.failures.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE fairlead_proxy_request_duration_seconds histogram"
+        );
+        for (labels, s) in r.iter() {
+            let mut cumulative = 0;
+            for (b, n) in LATENCY_BUCKETS.iter().zip(&s.buckets) {
+                cumulative += n.load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "fairlead_proxy_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {cumulative}"
+                );
+            }
+            let count = s.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "fairlead_proxy_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "fairlead_proxy_request_duration_seconds_sum{{{labels}}} {}",
+                s.sum_nanos.load(Relaxed) as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "fairlead_proxy_request_duration_seconds_count{{{labels}}} {count}"
+            );
         }
     }
 }
@@ -205,5 +338,40 @@ impl ProxyConfig {
                 self.mode,
                 creds.generation()
             )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_histograms_render_in_prometheus_form() {
+        let m = Metrics::new();
+        let s = m.requests("inbound", "spiffe://td/ns/a/sa/b", "127.0.0.1:8080");
+        s.answered(200, Duration::from_micros(300));
+        s.answered(503, Duration::from_millis(20));
+        s.failed(Duration::from_secs(2));
+        let mut out = String::new();
+        m.render(&mut out);
+        let l = r#"direction="inbound",peer="spiffe://td/ns/a/sa/b",route="127.0.0.1:8080""#;
+        for line in [
+            format!("fairlead_proxy_requests_total{{{l},status_class=\"2xx\"}} 1"),
+            format!("fairlead_proxy_requests_total{{{l},status_class=\"5xx\"}} 1"),
+            format!("fairlead_proxy_request_failures_total{{{l}}} 1"),
+            format!("fairlead_proxy_request_duration_seconds_bucket{{{l},le=\"0.00025\"}} 0"),
+            format!("fairlead_proxy_request_duration_seconds_bucket{{{l},le=\"0.0005\"}} 1"),
+            format!("fairlead_proxy_request_duration_seconds_bucket{{{l},le=\"0.025\"}} 2"),
+            format!("fairlead_proxy_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 3"),
+            format!("fairlead_proxy_request_duration_seconds_count{{{l}}} 3"),
+        ] {
+            assert!(out.contains(&line), "missing {line}\n{out}");
+        }
+        // The same labels give the same statistics.
+        assert_eq!(
+            m.requests("inbound", "spiffe://td/ns/a/sa/b", "127.0.0.1:8080")
+                .answered_total(5),
+            1
+        );
     }
 }

@@ -173,6 +173,7 @@ pub async fn serve<S>(
     app: SocketAddr,
     client_id: Option<String>,
     dialer: &crate::transparent::Dialer,
+    stats: Arc<crate::admin::RequestStats>,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -195,8 +196,8 @@ where
                     .map_err(|e| format!("HTTP/2 to the application: {e}"))?;
             tokio::spawn(conn);
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (mut sender, id) = (sender.clone(), Arc::clone(&id));
-                async move { sender.send_request(with_identity(req, &id)).await }
+                let (mut sender, id, stats) = (sender.clone(), Arc::clone(&id), Arc::clone(&stats));
+                async move { timed(&stats, sender.send_request(with_identity(req, &id))).await }
             });
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -212,11 +213,15 @@ where
             tokio::spawn(conn);
             let sender = Arc::new(Mutex::new(sender));
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (sender, id) = (Arc::clone(&sender), Arc::clone(&id));
+                let (sender, id, stats) =
+                    (Arc::clone(&sender), Arc::clone(&id), Arc::clone(&stats));
                 async move {
-                    let mut sender = sender.lock().await;
-                    sender.ready().await?;
-                    sender.send_request(with_identity(req, &id)).await
+                    timed(&stats, async {
+                        let mut sender = sender.lock().await;
+                        sender.ready().await?;
+                        sender.send_request(with_identity(req, &id)).await
+                    })
+                    .await
                 }
             });
             hyper::server::conn::http1::Builder::new()
@@ -230,6 +235,21 @@ where
                 .map_err(|e| format!("HTTP/1.1 from the client: {e}"))
         }
     }
+}
+
+/// Runs one request, recording its status (or failure) and the time to its response's
+/// headers.
+async fn timed<B>(
+    stats: &crate::admin::RequestStats,
+    request: impl std::future::Future<Output = hyper::Result<hyper::Response<B>>>,
+) -> hyper::Result<hyper::Response<B>> {
+    let start = std::time::Instant::now();
+    let result = request.await;
+    match &result {
+        Ok(resp) => stats.answered(resp.status().as_u16(), start.elapsed()),
+        Err(_) => stats.failed(start.elapsed()),
+    }
+    result
 }
 
 fn with_identity(

@@ -51,6 +51,20 @@ pub enum Mode {
     Permissive,
 }
 
+/// The pod annotation (or namespace label) that sets the mode: `strict` or `permissive`.
+pub const MODE_ANNOTATION: &str = "fairlead.io/mode";
+
+impl Mode {
+    /// The mode for a workload: its own annotation, else its namespace's label, else
+    /// strict. An unknown value is an error naming it (callers stay strict).
+    pub fn for_workload(pod: Option<&str>, namespace: Option<&str>) -> Result<Mode, String> {
+        match pod.or(namespace) {
+            None => Ok(Mode::Strict),
+            Some(v) => v.parse().map_err(|e| format!("{MODE_ANNOTATION}: {e}")),
+        }
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -216,12 +230,14 @@ async fn plaintext(
         .await
         .map_err(|e| ("client_gone", format!("reading the first bytes: {e}")))?;
     if protocol != http::Protocol::Opaque {
+        let stats = metrics.requests("inbound", "plaintext", &app.to_string());
         if let Err(e) = http::serve(
             http::Prefixed::new(prefix, stream),
             protocol,
             app,
             None,
             dialer,
+            stats,
         )
         .await
         {
@@ -328,12 +344,14 @@ async fn handle(
         debug!(client = %id, %app, ?protocol, "inbound HTTP connection");
         // The client was admitted: an HTTP error from here on (a client closing mid-request,
         // an application going away) ends this connection but is no refusal.
+        let stats = metrics.requests("inbound", &id.0, &app.to_string());
         if let Err(e) = http::serve(
             http::Prefixed::new(prefix, tls_stream),
             protocol,
             app,
             Some(id.0.clone()),
             dialer,
+            stats,
         )
         .await
         {
@@ -347,4 +365,26 @@ async fn handle(
     }
     forward_opaque(tls_stream, prefix, app, dialer, &id.0).await?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_mode_comes_from_the_pod_then_the_namespace() {
+        assert_eq!(Mode::for_workload(None, None), Ok(Mode::Strict));
+        assert_eq!(
+            Mode::for_workload(None, Some("permissive")),
+            Ok(Mode::Permissive)
+        );
+        assert_eq!(
+            Mode::for_workload(Some("strict"), Some("permissive")),
+            Ok(Mode::Strict)
+        );
+        assert_eq!(
+            Mode::for_workload(Some("open"), None),
+            Err("fairlead.io/mode: mode \"open\": expected `strict` or `permissive`".into())
+        );
+    }
 }

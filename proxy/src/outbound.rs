@@ -236,7 +236,11 @@ async fn forward(
                         .unwrap_or_default();
                     metrics.inc(
                         "fairlead_proxy_outbound_connections_total",
-                        label("server", &server),
+                        format!(
+                            "{},{}",
+                            label("server", &server),
+                            label("destination", &orig.to_string())
+                        ),
                     );
                     let _ = tokio::io::copy_bidirectional(&mut local, &mut tls).await;
                 }

@@ -33,7 +33,7 @@ async fn who(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible
 }
 
 /// An application speaking HTTP/1.1 or HTTP/2 (prior knowledge), and a sidecar before it.
-async fn app_and_sidecar(ca: &Ca, h2: bool) -> SocketAddr {
+async fn app_and_sidecar(ca: &Ca, h2: bool) -> (SocketAddr, SocketAddr, Arc<Metrics>) {
     let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_addr = app.local_addr().unwrap();
     tokio::spawn(async move {
@@ -55,16 +55,17 @@ async fn app_and_sidecar(ca: &Ca, h2: bool) -> SocketAddr {
     });
     let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = sidecar.local_addr().unwrap();
+    let metrics = Metrics::new();
     tokio::spawn(inbound::serve(
         sidecar,
         CredentialStore::new(identity(ca, "shop", "catalog")).unwrap(),
         inbound::AppTarget::Fixed(app_addr),
         Authorization::TrustDomain,
         Arc::new(|_| {}),
-        Metrics::new(),
+        Arc::clone(&metrics),
         Dialer::here(),
     ));
-    addr
+    (addr, app_addr, metrics)
 }
 
 fn forged(uri: &str) -> Request<Full<Bytes>> {
@@ -85,7 +86,7 @@ async fn body(resp: Response<Incoming>) -> String {
 #[tokio::test]
 async fn http1_requests_carry_the_verified_identity() {
     let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
-    let addr = app_and_sidecar(&ca, false).await;
+    let (addr, app, metrics) = app_and_sidecar(&ca, false).await;
     let client = identity(&ca, "shop", "cart");
     let tls = outbound::connect(&client, addr, vec![], &Dialer::here())
         .await
@@ -102,12 +103,19 @@ async fn http1_requests_carry_the_verified_identity() {
             "spiffe://cluster.local/ns/shop/sa/cart HTTP/1.1"
         );
     }
+    // Both requests counted for the client and the route, as 2xx with latencies.
+    let stats = metrics.requests(
+        "inbound",
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        &app.to_string(),
+    );
+    assert_eq!((stats.answered_total(2), stats.failures_total()), (2, 0));
 }
 
 #[tokio::test]
 async fn http2_and_grpc_style_requests_carry_the_verified_identity() {
     let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
-    let addr = app_and_sidecar(&ca, true).await;
+    let (addr, _, _) = app_and_sidecar(&ca, true).await;
     let client = identity(&ca, "shop", "cart");
     let tls = outbound::connect(&client, addr, vec![], &Dialer::here())
         .await

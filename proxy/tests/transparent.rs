@@ -165,7 +165,7 @@ async fn intercepted_plaintext_becomes_mtls_with_identity() {
     assert!(
         metrics.get(
             "fairlead_proxy_outbound_connections_total",
-            "server=\"spiffe://cluster.local/ns/shop/sa/catalog\""
+            "server=\"spiffe://cluster.local/ns/shop/sa/catalog\",destination=\"10.1.0.2:8080\""
         ) >= 1
     );
 

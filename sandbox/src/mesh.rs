@@ -21,7 +21,7 @@ use std::sync::Arc;
 use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
 use fairlead_core::{Pod, PortRef, Snapshot};
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
-use fairlead_proxy::inbound::{self, AppTarget, Authorization};
+use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode, MODE_ANNOTATION};
 use fairlead_proxy::outbound::{self, Endpoint, Route};
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
 use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
@@ -119,16 +119,32 @@ impl Mesh {
 
         let dialer = Dialer::in_netns(std::fs::File::open(netns::path(pod_netns))?)?;
         let metrics = Metrics::new();
+        // Strict unless the pod (annotation) or its namespace (label) asks for permissive.
+        let mode = {
+            let snap = self.snapshots.borrow();
+            let ns_label = snap
+                .namespace(&pod.namespace)
+                .and_then(|n| n.labels.get(MODE_ANNOTATION).cloned());
+            Mode::for_workload(
+                pod.annotations.get(MODE_ANNOTATION).map(String::as_str),
+                ns_label.as_deref(),
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "bad mesh mode; staying strict");
+                Mode::Strict
+            })
+        };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn({
             let (creds, metrics, dialer) =
                 (Arc::clone(&creds), Arc::clone(&metrics), dialer.clone());
             async move {
-                let _ = inbound::serve(
+                let _ = inbound::serve_mode(
                     tokio::net::TcpListener::from_std(inbound_l).expect("tokio listener"),
                     creds,
                     AppTarget::OriginalPort,
                     Authorization::TrustDomain,
+                    mode,
                     Arc::new(|_| {}),
                     metrics,
                     dialer,
@@ -163,7 +179,7 @@ impl Mesh {
                         inbound: Some(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))),
                         outbound: Some(SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT))),
                         application: None,
-                        mode: "strict".into(),
+                        mode: mode.to_string(),
                     },
                 )
                 .await;

@@ -2,8 +2,8 @@
 //! sidecar with a certificate for their ServiceAccount from the mesh CA; a meshed client
 //! calls a meshed server by its Service address in plain HTTP, and the server's application
 //! sees the client's SPIFFE ID; a client without a sidecar is refused by the strict server;
-//! a meshed client reaches a pod outside the mesh in the clear; the sidecar's admin port
-//! answers.
+//! a permissive server takes plain text without an identity; a meshed client reaches a pod
+//! outside the mesh in the clear; the sidecar's admin port answers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -54,6 +54,14 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: legacy, namespace: shop, annotations: {fairlead.io/inject: "true", fairlead.io/mode: permissive}}
+spec:
+  nodeName: node-2
+  serviceAccountName: catalog
+  containers: [{name: c, image: fairlead/echo}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: plain, namespace: shop}
 spec:
   nodeName: node-1
@@ -91,7 +99,7 @@ async fn meshed_pods_talk_mtls_with_identities() {
         async move {
             apply(sandbox, "mesh", MANIFEST).await;
             sandbox
-                .wait_for_pods(4, Duration::from_secs(60))
+                .wait_for_pods(5, Duration::from_secs(60))
                 .await
                 .expect("pods running");
             let snap = sandbox.snapshot();
@@ -137,6 +145,18 @@ async fn meshed_pods_talk_mtls_with_identities() {
             assert!(
                 refused.is_err(),
                 "plaintext reached the meshed app: {refused:?}"
+            );
+
+            // A permissive server (migrating into the mesh) takes plain text, without any
+            // identity (the forged header is removed), and still gets meshed clients' ones.
+            let line = get(&ns("plain"), SocketAddr::new(v4("legacy"), 8080)).unwrap();
+            assert_eq!(field(&line, "pod"), "legacy", "{line}");
+            assert_ne!(field(&line, "identity"), "forged", "{line}");
+            let line = get(&ns("cart"), SocketAddr::new(v4("legacy"), 8080)).unwrap();
+            assert_eq!(
+                field(&line, "identity"),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                "{line}"
             );
 
             // A meshed client reaches a pod outside the mesh in the clear.
