@@ -16,6 +16,7 @@ pub mod config;
 pub mod datapath;
 pub mod flows;
 pub mod http;
+pub mod mesh;
 pub mod netns;
 pub mod policy;
 pub mod reaper;

@@ -17,6 +17,8 @@
 //! * `FLOWS [follow]\n`: the recent flow events (NetworkPolicy verdicts) as JSON lines, then
 //!   with `follow` new ones until the client closes; `fairlead flows` reads this.
 //! * `METRICS\n`: datapath counters (drop reasons included) in Prometheus text format.
+//! * `MESH-CERT <json>\n` and `MESH-ROUTES [follow]\n`: the node's sidecars get their
+//!   certificates and routing table here ([`crate::mesh`]).
 //!
 //! Anything else gets `ERROR <what>\n`.
 
@@ -48,8 +50,13 @@ pub const METRICS_REQUEST: &str = "METRICS";
 /// A client that has not sent its line by then is dropped, so a stuck client cannot pile up
 /// tasks.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request line read; `DELLINK` and a tombstone are 23 bytes.
-const MAX_REQUEST: u64 = 256;
+/// Longest request line read: a `MESH-CERT` carries a CSR and a token (a few KiB); the other
+/// requests are under 100 bytes.
+const MAX_REQUEST: u64 = 16 * 1024;
+/// `MESH-CERT <json>`: a certificate for a sidecar of this node.
+pub const MESH_CERT_REQUEST: &str = "MESH-CERT";
+/// `MESH-ROUTES [follow]`: the mesh routing table, then (follow) every change.
+pub const MESH_ROUTES_REQUEST: &str = "MESH-ROUTES";
 
 /// Whether the agent is ready to have pods added on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +111,7 @@ pub struct StatusServer {
     readiness: watch::Receiver<Readiness>,
     reaper: Option<LinkReaper>,
     datapath: Option<Datapath>,
+    mesh: Option<crate::mesh::MeshService>,
 }
 
 impl StatusServer {
@@ -144,6 +152,7 @@ impl StatusServer {
             readiness,
             reaper: None,
             datapath: None,
+            mesh: None,
         })
     }
 
@@ -157,6 +166,13 @@ impl StatusServer {
     /// Serves `ATTACH` with `datapath`; without one, `ATTACH` is answered with an `ERROR`.
     pub fn with_datapath(mut self, datapath: Datapath) -> Self {
         self.datapath = Some(datapath);
+        self
+    }
+
+    /// Serves the node's sidecars (`MESH-CERT`, `MESH-ROUTES`); without it they get an
+    /// `ERROR`.
+    pub fn with_mesh(mut self, mesh: crate::mesh::MeshService) -> Self {
+        self.mesh = Some(mesh);
         self
     }
 
@@ -175,8 +191,9 @@ impl StatusServer {
                         let readiness = self.readiness.clone();
                         let reaper = self.reaper.clone();
                         let datapath = self.datapath.clone();
+                        let mesh = self.mesh.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, readiness, reaper.as_ref(), datapath).await {
+                            if let Err(e) = answer(stream, readiness, reaper.as_ref(), datapath, mesh.as_ref()).await {
                                 debug!(error = %e, "status client went away");
                             }
                         });
@@ -198,6 +215,7 @@ async fn answer(
     readiness: watch::Receiver<Readiness>,
     reaper: Option<&LinkReaper>,
     datapath: Option<Datapath>,
+    mesh: Option<&crate::mesh::MeshService>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -222,6 +240,25 @@ async fn answer(
                 write.shutdown().await
             }
         };
+    }
+    if let Some(json) = argument(MESH_CERT_REQUEST) {
+        let reply = match mesh {
+            Some(m) => m.certificate(&json).await,
+            None => "ERROR this agent serves no mesh\n".to_owned(),
+        };
+        write.write_all(reply.as_bytes()).await?;
+        return write.shutdown().await;
+    }
+    if let Some(mode) = argument(MESH_ROUTES_REQUEST) {
+        match mesh {
+            Some(m) => m.stream_routes(&mut write, mode == "follow").await?,
+            None => {
+                write
+                    .write_all(b"ERROR this agent serves no mesh\n")
+                    .await?
+            }
+        }
+        return write.shutdown().await;
     }
     if line == METRICS_REQUEST {
         let text = match datapath {

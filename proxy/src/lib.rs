@@ -9,11 +9,13 @@
 //! serving with its valid certificate while it retries with backoff.
 
 pub mod admin;
+pub mod agent;
 pub mod balance;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod rotation;
+pub mod routes;
 pub mod tls;
 pub mod transparent;
 

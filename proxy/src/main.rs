@@ -1,18 +1,23 @@
-//! `fairlead-proxy`: the sidecar as a process. Credentials come from PEM files (the node
-//! agent's socket is the production source, still to come); the inbound listener
-//! terminates mTLS and hands connections to the application; the outbound listener either
-//! originates mTLS to one fixed peer (`--outbound-to`) or, with interception, routes by
-//! original destination. One worker thread by default, as a sidecar should be sized.
+//! `fairlead-proxy`: the sidecar as a process. Credentials and routes come from the node
+//! agent's socket (`--agent-socket`: a certificate for its own key, proved by the pod's
+//! ServiceAccount token and renewed at half its lifetime; the routing table, followed), or
+//! from PEM files for a fixed setup. The inbound listener terminates mTLS and hands
+//! connections to the application; the outbound listener either originates mTLS to fixed
+//! peers (`--outbound-to`) or routes intercepted connections by their original destination.
+//! One worker thread by default, as a sidecar should be sized.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use fairlead_controller::new_key_and_csr;
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
+use fairlead_proxy::agent::{AgentCertSource, AgentClient};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode};
 use fairlead_proxy::outbound::{self, Destination, Endpoint};
-use fairlead_proxy::rotation::CredentialStore;
+use fairlead_proxy::rotation::{self, CertSource, CredentialStore};
+use fairlead_proxy::routes::MeshRoutes;
 use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use fairlead_proxy::{MeshTls, PeerId};
 
@@ -22,16 +27,28 @@ use fairlead_proxy::{MeshTls, PeerId};
     about = "The Fairlead mesh sidecar: mTLS with SPIFFE identities"
 )]
 struct Args {
+    /// The node agent's socket: certificates and routes come from it.
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
+    agent_socket: Option<PathBuf>,
+    /// With `--agent-socket`: the pod's namespace (the downward API's metadata.namespace).
+    #[arg(long, env = "FAIRLEAD_POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// With `--agent-socket`: the pod's ServiceAccount.
+    #[arg(long, env = "FAIRLEAD_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// With `--agent-socket`: the ServiceAccount token file (a projected token).
+    #[arg(long, default_value = "/var/run/secrets/fairlead/token")]
+    token_file: PathBuf,
     /// The workload's certificate chain (PEM, leaf first; its single URI SAN is the
     /// proxy's SPIFFE ID).
-    #[arg(long)]
-    cert: PathBuf,
+    #[arg(long, requires_all = ["key", "bundle"])]
+    cert: Option<PathBuf>,
     /// The workload's private key (PEM).
     #[arg(long)]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// The trust bundle (PEM roots).
     #[arg(long)]
-    bundle: PathBuf,
+    bundle: Option<PathBuf>,
     /// Inbound (mTLS) listener; `none` to have none.
     #[arg(long, default_value_t = format!("[::]:{INBOUND_PORT}"))]
     inbound: String,
@@ -101,15 +118,68 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let tls = MeshTls::from_pem(
-        &read(&args.cert, "certificate chain")?,
-        &read(&args.key, "private key")?,
-        &read(&args.bundle, "trust bundle")?,
+/// Where credentials and routes come from.
+enum Source {
+    Files(MeshTls),
+    Agent(Arc<AgentCertSource>),
+}
+
+fn source(args: &Args) -> Result<Source, String> {
+    if let Some(socket) = &args.agent_socket {
+        let (Some(namespace), Some(service_account)) =
+            (args.namespace.clone(), args.service_account.clone())
+        else {
+            return Err(
+                "--agent-socket needs --namespace and --service-account (or \
+                 FAIRLEAD_POD_NAMESPACE and FAIRLEAD_SERVICE_ACCOUNT)"
+                    .into(),
+            );
+        };
+        return Ok(Source::Agent(Arc::new(AgentCertSource {
+            client: AgentClient {
+                socket: socket.clone(),
+            },
+            namespace,
+            service_account,
+            token_file: args.token_file.clone(),
+        })));
+    }
+    let (Some(cert), Some(key), Some(bundle)) = (&args.cert, &args.key, &args.bundle) else {
+        return Err("credentials: give --agent-socket, or --cert, --key and --bundle".into());
+    };
+    MeshTls::from_pem(
+        &read(cert, "certificate chain")?,
+        &read(key, "private key")?,
+        &read(bundle, "trust bundle")?,
     )
-    .map_err(|e| format!("credentials: {e}"))?;
-    let creds = CredentialStore::with_resumption(tls, !args.no_tls_resumption)
-        .map_err(|e| format!("credentials: {e}"))?;
+    .map(Source::Files)
+    .map_err(|e| format!("credentials: {e}"))
+}
+
+/// The first certificate from the agent, retried with backoff until it comes (the proxy is
+/// not ready before).
+async fn first_certificate(source: &AgentCertSource) -> MeshTls {
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
+            let fetched = source.fetch(&csr).await?;
+            MeshTls::from_pem(&fetched.chain_pem, &key, &fetched.bundle_pem)
+                .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(tls) => return tls,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "no certificate yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let source = source(&args)?;
     let inbound_at = listen_addr("inbound", &args.inbound)?;
     let outbound_at = listen_addr("outbound", &args.outbound)?;
     let admin_at = listen_addr("admin", &args.admin)?;
@@ -134,6 +204,10 @@ fn run(args: Args) -> Result<(), String> {
         .iter()
         .map(|id| spiffe_arg("outbound-expect", id))
         .collect::<Result<_, _>>()?;
+    let agent = match &source {
+        Source::Agent(a) => Some(Arc::clone(a)),
+        Source::Files(_) => None,
+    };
     let destination = if !args.outbound_to.is_empty() {
         Some(Destination::Fixed(
             args.outbound_to
@@ -144,11 +218,10 @@ fn run(args: Args) -> Result<(), String> {
                 })
                 .collect(),
         ))
-    } else if outbound_at.is_some() {
+    } else if outbound_at.is_some() && agent.is_none() {
         return Err(
-            "--outbound needs --outbound-to: routing intercepted connections by \
-             their original destination needs routes from the node agent, which this \
-             binary does not read yet (use --outbound none to run inbound only)"
+            "--outbound needs --outbound-to, or --agent-socket for the routes of \
+             intercepted connections (use --outbound none to run inbound only)"
                 .into(),
         );
     } else {
@@ -170,7 +243,44 @@ fn run(args: Args) -> Result<(), String> {
             .build()
     }
     .map_err(|e| format!("starting the runtime: {e}"))?;
+    let resumption = !args.no_tls_resumption;
     runtime.block_on(async move {
+        let tls = match source {
+            Source::Files(tls) => tls,
+            Source::Agent(a) => first_certificate(&a).await,
+        };
+        let creds = CredentialStore::with_resumption(tls, resumption)
+            .map_err(|e| format!("credentials: {e}"))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        // From the agent: renewals, and the routes of intercepted connections.
+        let destination = match (&agent, destination) {
+            (_, Some(d)) => Some(d),
+            (Some(a), None) if outbound_at.is_some() => {
+                let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshRoutes::default()));
+                let client = a.client.clone();
+                tasks.spawn(async move {
+                    client.follow_routes(tx).await;
+                    Ok(())
+                });
+                Some(Destination::Transparent(Arc::new(move |orig| {
+                    rx.borrow().route(orig)
+                })))
+            }
+            _ => None,
+        };
+        if let Some(a) = &agent {
+            let (creds, source) = (Arc::clone(&creds), Arc::clone(a) as Arc<dyn CertSource>);
+            tasks.spawn(async move {
+                rotation::renew(
+                    creds,
+                    source,
+                    || new_key_and_csr().map_err(|e| e.to_string()),
+                    rotation::Backoff::default(),
+                )
+                .await;
+                Ok(())
+            });
+        }
         let metrics = Metrics::new();
         let dialer = Dialer::here();
         let bind = |at: SocketAddr| async move {
@@ -178,7 +288,6 @@ fn run(args: Args) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("listening on {at}: {e}"))
         };
-        let mut tasks = tokio::task::JoinSet::new();
         if let Some(at) = inbound_at {
             let l = bind(at).await?;
             tasks.spawn(inbound::serve_mode(

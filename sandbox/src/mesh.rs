@@ -15,15 +15,17 @@
 //! Not the production path yet: on a real node the proxy gets its certificate and routes
 //! from the node agent's socket; here the kubelet hands them over in-process.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use fairlead_agent::mesh::routes_from_snapshot;
 use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
-use fairlead_core::{Pod, PortRef, Snapshot};
+use fairlead_core::{Pod, Snapshot};
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode, MODE_ANNOTATION};
-use fairlead_proxy::outbound::{self, Endpoint, Route};
+use fairlead_proxy::outbound;
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
+use fairlead_proxy::routes::MeshRoutes;
 use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use fairlead_proxy::{MeshTls, PeerId};
 use kube::api::{Api, PostParams};
@@ -152,12 +154,26 @@ impl Mesh {
                 .await;
             }
         }));
-        let snapshots = self.snapshots.clone();
-        let td = self.issuer.config().trust_domain.clone();
+        // The routing table, as the node agent's MESH-ROUTES serves it to real sidecars,
+        // rebuilt on every snapshot.
+        let (routes_tx, routes) = watch::channel(Arc::new(MeshRoutes::default()));
+        tasks.push(tokio::spawn({
+            let mut snapshots = self.snapshots.clone();
+            let td = self.issuer.config().trust_domain.clone();
+            async move {
+                loop {
+                    let table = routes_from_snapshot(&snapshots.borrow_and_update(), &td);
+                    routes_tx.send_replace(Arc::new(table));
+                    if snapshots.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
         tasks.push(tokio::spawn({
             let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
             async move {
-                let route = Arc::new(move |orig: SocketAddr| route(&snapshots.borrow(), &td, orig));
+                let route = Arc::new(move |orig: SocketAddr| routes.borrow().route(orig));
                 let _ = outbound::serve_transparent(
                     tokio::net::TcpListener::from_std(outbound_l).expect("tokio listener"),
                     creds,
@@ -247,64 +263,4 @@ impl CertSource for PodSource {
             })
         })
     }
-}
-
-/// Where an intercepted connection to `orig` goes: a meshed pod (directly, or the meshed
-/// endpoint of a Service) gets mTLS with its identity; the rest passes in the clear.
-fn route(snap: &Snapshot, trust_domain: &str, orig: SocketAddr) -> Route {
-    let meshed_pod = |ip: IpAddr| {
-        snap.pods()
-            .values()
-            .find(|p| p.ips.contains(&ip) && injected(p))
-            .map(|p| PeerId(SpiffeId::new(trust_domain, &p.namespace, &p.service_account).uri()))
-    };
-    if let Some(id) = meshed_pod(orig.ip()) {
-        return Route::Mesh {
-            endpoint: orig,
-            expected: vec![id],
-        };
-    }
-    // A Service address: its ready endpoints of the same family.
-    for svc in snap.services().values() {
-        if !svc.cluster_ips.ips().contains(&orig.ip()) {
-            continue;
-        }
-        let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
-            continue;
-        };
-        let key = fairlead_core::ObjectKey::new(&svc.namespace, &svc.name);
-        let mut candidates = Vec::new();
-        for slice in snap.endpoint_slices_of(&key) {
-            let Some(sp) = slice.ports.iter().find(|p| p.name == port.name) else {
-                continue;
-            };
-            let target = sp.port.unwrap_or(match port.target_port {
-                PortRef::Number(n) => n,
-                PortRef::Name(_) => port.port,
-            });
-            for ep in slice.endpoints.iter().filter(|e| e.conditions.ready) {
-                for ip in ep
-                    .addresses
-                    .iter()
-                    .filter(|a| a.is_ipv4() == orig.is_ipv4())
-                {
-                    candidates.push(SocketAddr::new(*ip, target));
-                }
-            }
-        }
-        if candidates.is_empty() {
-            return Route::Passthrough;
-        }
-        // The proxy chooses among them (power of two choices over latency).
-        return Route::Balance(
-            candidates
-                .into_iter()
-                .map(|addr| Endpoint {
-                    addr,
-                    expected: meshed_pod(addr.ip()).map(|id| vec![id]),
-                })
-                .collect(),
-        );
-    }
-    Route::Passthrough
 }

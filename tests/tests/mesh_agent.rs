@@ -1,0 +1,226 @@
+//! The sidecar's production path through its node agent: the `fairlead-proxy` binary gets
+//! its certificate over the agent's socket (`MESH-CERT`: its own key's CSR and its
+//! ServiceAccount token, checked by the mesh CA behind the agent) and serves mTLS with it; a
+//! bad token gets no certificate and a log line that says why; the agent streams the mesh's
+//! routing table (`MESH-ROUTES follow`) and each change.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fairlead_agent::mesh::{CertReply, CertRequest, MeshIssuer, MeshService};
+use fairlead_agent::status::StatusServer;
+use fairlead_agent::Readiness;
+use fairlead_controller::{Ca, SpiffeId};
+use fairlead_core::{EndpointSlice, Pod, Service, Snapshot};
+use fairlead_proxy::routes::MeshRoutes;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The mesh CA behind the agent: a token `token-<ns>-<sa>` proves that identity.
+struct FakeCa(Ca);
+
+impl MeshIssuer for FakeCa {
+    fn issue<'a>(
+        &'a self,
+        r: &'a CertRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
+        Box::pin(async move {
+            if r.token != format!("token-{}-{}", r.namespace, r.service_account) {
+                return Err("TokenReview: the token is not valid for this identity".into());
+            }
+            let id = SpiffeId::new(self.0.trust_domain(), &r.namespace, &r.service_account);
+            let leaf = self
+                .0
+                .issue(&r.csr, &id, Duration::from_secs(3600))
+                .map_err(|e| e.to_string())?;
+            Ok(CertReply {
+                chain: leaf.chain_pem,
+                bundle: self.0.cert_pem().to_owned(),
+            })
+        })
+    }
+}
+
+fn snapshot(with_pod: bool) -> Snapshot {
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "catalog", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    }))
+    .unwrap();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "catalog"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    }))
+    .unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog", "namespace": "shop",
+                     "annotations": {"fairlead.io/inject": "true"}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "c"}], "nodeName": "n1"},
+        "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}
+    }))
+    .unwrap();
+    let mut b = Snapshot::builder()
+        .service(Service::try_from(&svc).unwrap())
+        .endpoint_slice(EndpointSlice::try_from(&slice).unwrap());
+    if with_pod {
+        b = b.pod(Pod::try_from(&pod).unwrap());
+    }
+    b.build()
+}
+
+fn proxy_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("fairlead-proxy");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo build -p fairlead-proxy` (cargo test --workspace does)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
+    let dir = std::env::temp_dir().join(format!("fairlead-mesh-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("agent.sock");
+    let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+    let (snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snapshot(true)));
+    let (_ready_tx, ready_rx) = tokio::sync::watch::channel(Readiness::Ready);
+    let server = StatusServer::bind(&socket, ready_rx)
+        .unwrap()
+        .with_mesh(MeshService {
+            issuer: Arc::new(FakeCa(ca)),
+            snapshots: snap_rx,
+            trust_domain: "cluster.local".into(),
+        });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server.serve(async move {
+        let _ = stop_rx.await;
+    }));
+
+    let run_proxy = |token: &str, tag: &str| {
+        let token_file = dir.join(format!("token-{tag}"));
+        std::fs::write(&token_file, token).unwrap();
+        let admin = free_port();
+        let log = dir.join(format!("proxy-{tag}.log"));
+        let child = Command::new(proxy_binary())
+            .arg("--agent-socket")
+            .arg(&socket)
+            .args(["--namespace", "shop", "--service-account", "cart"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["--inbound", &free_port().to_string()])
+            .args(["--app", "127.0.0.1:9"])
+            .args(["--outbound", "none"])
+            .args(["--admin", &admin.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (Proc(child), admin, log)
+    };
+
+    // A good token: a certificate for spiffe://cluster.local/ns/shop/sa/cart, ready.
+    let (_good, admin, _) = run_proxy("token-shop-cart", "good");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        match admin_get(admin, "/ready") {
+            Some(r) if r.starts_with("HTTP/1.1 200") => break r,
+            _ if Instant::now() > deadline => panic!("the proxy never got ready"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(
+        ready.contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{ready}"
+    );
+
+    // Another account's token: refused by the CA, said in the log, never ready.
+    let (_bad, admin_bad, log_bad) = run_proxy("token-shop-admin", "bad");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(admin_get(admin_bad, "/ready").is_none());
+    let log = std::fs::read_to_string(&log_bad).unwrap();
+    assert!(
+        log.contains("the mesh CA refused shop/cart") && log.contains("TokenReview"),
+        "{log}"
+    );
+
+    // The routing table, then its change when the meshed pod goes.
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(b"MESH-ROUTES follow\n").await.unwrap();
+    let mut lines = BufReader::new(r).lines();
+    let first: MeshRoutes =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    assert_eq!(
+        first.services[&vip][0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/catalog")
+    );
+    assert_eq!(
+        first.services[&vip][0].addr,
+        "10.244.1.5:8080".parse().unwrap()
+    );
+    snap_tx.send_replace(Arc::new(snapshot(false)));
+    let second: MeshRoutes = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .unwrap();
+    assert!(second.pods.is_empty());
+    assert_eq!(second.services[&vip][0].identity, None);
+
+    // Garbage on MESH-CERT gets a clear error.
+    let reply = fairlead_agent::status::request(&socket, "MESH-CERT {\"nope\":1}")
+        .await
+        .unwrap();
+    assert!(
+        reply.starts_with("ERROR the certificate request is not"),
+        "{reply}"
+    );
+
+    let _ = stop_tx.send(());
+    let _ = served.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
