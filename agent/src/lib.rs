@@ -114,8 +114,20 @@ impl Agent {
         shutdown: impl Future<Output = ()>,
         client: Option<kube::Client>,
     ) -> Result<(), AgentError> {
+        Self::run_with_mesh(config, snapshots, shutdown, client, None).await
+    }
+
+    /// [`Agent::run_with_client`], also serving the node's mesh sidecars (`MESH-CERT` through
+    /// `mesh`'s CA, `MESH-ROUTES` from the snapshots).
+    pub async fn run_with_mesh(
+        config: AgentConfig,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        shutdown: impl Future<Output = ()>,
+        client: Option<kube::Client>,
+        mesh: Option<mesh::MeshSettings>,
+    ) -> Result<(), AgentError> {
         let span = info_span!("agent", node = %config.node_name);
-        Self::run_inner(config, snapshots, shutdown, client)
+        Self::run_inner(config, snapshots, shutdown, client, mesh)
             .instrument(span)
             .await
     }
@@ -125,6 +137,7 @@ impl Agent {
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         shutdown: impl Future<Output = ()>,
         client: Option<kube::Client>,
+        mesh: Option<mesh::MeshSettings>,
     ) -> Result<(), AgentError> {
         let (readiness, readiness_rx) = watch::channel(Readiness::not_ready(
             "waiting for the first cluster snapshot",
@@ -156,6 +169,13 @@ impl Agent {
             StatusServer::bind(&config.socket, readiness_rx)?.with_reaper(reaper.clone());
         if let Some(dp) = &datapath {
             server = server.with_datapath(dp.clone());
+        }
+        if let Some(m) = mesh {
+            server = server.with_mesh(mesh::MeshService {
+                issuer: m.issuer,
+                snapshots: snapshots.clone(),
+                trust_domain: m.trust_domain,
+            });
         }
         let metrics = match (&datapath, config.metrics_listen) {
             (Some(dp), Some(addr)) => {

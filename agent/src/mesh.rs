@@ -27,6 +27,13 @@ pub trait MeshIssuer: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>>;
 }
 
+/// What the agent needs to serve its node's sidecars.
+#[derive(Clone)]
+pub struct MeshSettings {
+    pub issuer: Arc<dyn MeshIssuer>,
+    pub trust_domain: String,
+}
+
 /// The mesh side of the agent's socket.
 #[derive(Clone)]
 pub struct MeshService {

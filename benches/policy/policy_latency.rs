@@ -101,6 +101,8 @@ async fn run() {
         routing: RoutingMode::vxlan(),
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
+        // No meshed pod here: the proxy is never started.
+        proxy: cni_plugin().with_file_name("fairlead-proxy"),
         maglev: false,
     })
     .await

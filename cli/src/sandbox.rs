@@ -256,7 +256,16 @@ fn print_report(state: &Value) {
         );
     }
     println!("  running: Service load balancing in eBPF on every node, cluster DNS at 10.96.0.10");
-    println!("  not yet running here: NetworkPolicy, proxies (later issues)");
+    println!("  also: NetworkPolicy in eBPF, and a fairlead-proxy sidecar (mTLS) for pods annotated fairlead.io/inject: \"true\"");
+}
+
+/// The `fairlead-proxy` binary: next to this executable, or FAIRLEAD_PROXY. Only pods that
+/// ask for the mesh need it; the sandbox says so if it is missing then.
+fn proxy_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FAIRLEAD_PROXY") {
+        return Ok(PathBuf::from(p));
+    }
+    Ok(std::env::current_exe()?.with_file_name("fairlead-proxy"))
 }
 
 /// The `fairlead-cni` binary: next to this executable (cargo puts both in
@@ -280,6 +289,7 @@ async fn serve(dir: Option<PathBuf>, name: &str, shape: Shape) -> anyhow::Result
         routing: shape.routing,
         state_dir: sd.clone(),
         cni_plugin: cni_plugin()?,
+        proxy: proxy_binary()?,
         maglev: shape.lb_algorithm == "maglev",
     };
     let sandbox = fairlead_sandbox::cluster::Sandbox::up(config).await?;

@@ -65,6 +65,7 @@ pub fn start(
     dirs: &CniDirs,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     client: kube::Client,
+    mesh: fairlead_agent::mesh::MeshSettings,
 ) -> std::io::Result<AgentHandle> {
     let base = cfg.state_dir.join("nodes").join(&node.name);
     std::fs::create_dir_all(&dirs.bin)?;
@@ -93,13 +94,14 @@ pub fn start(
         std::fs::create_dir_all(parent)?;
     }
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(Agent::run_with_client(
+    let task = tokio::spawn(Agent::run_with_mesh(
         config,
         snapshots,
         async move {
             let _ = stopped.await;
         },
         Some(client),
+        Some(mesh),
     ));
     Ok(AgentHandle {
         node: node.name.clone(),

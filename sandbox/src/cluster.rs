@@ -29,6 +29,9 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// The `fairlead-cni` binary the agents install onto each node.
     pub cni_plugin: PathBuf,
+    /// The `fairlead-proxy` binary, run as the sidecar of meshed pods (needed only when a
+    /// pod asks for the mesh).
+    pub proxy: PathBuf,
     /// Service backends chosen by Maglev consistent hashing instead of at random.
     pub maglev: bool,
 }
@@ -41,6 +44,7 @@ pub struct Sandbox {
     cluster: fairlead_core::watch::SnapshotWatch,
     kubelets: Arc<Mutex<Vec<Kubelet>>>,
     agents: Vec<crate::agents::AgentHandle>,
+    mesh: Arc<crate::mesh::Mesh>,
     control: tokio::task::JoinHandle<()>,
 }
 
@@ -122,6 +126,15 @@ impl Sandbox {
         let mut cluster = tryf!(fairlead_core::watch::spawn(client.clone()));
         tryf!(cluster.ready().await);
 
+        let mesh = tryf!(
+            crate::mesh::Mesh::start(
+                client.clone(),
+                cluster.subscribe(),
+                config.proxy.clone(),
+                config.state_dir.join("mesh"),
+            )
+            .await
+        );
         let mut agents = Vec::new();
         for n in &topology.nodes {
             let dirs = Self::node_dirs(&config.state_dir, &n.name);
@@ -131,9 +144,9 @@ impl Sandbox {
                 &dirs,
                 cluster.subscribe(),
                 client.clone(),
+                mesh.agent_settings(),
             )));
         }
-        let mesh = tryf!(crate::mesh::Mesh::start(client.clone(), cluster.subscribe()).await);
         let kubelets: Vec<Kubelet> = topology
             .nodes
             .iter()
@@ -168,6 +181,7 @@ impl Sandbox {
             cluster,
             kubelets,
             agents,
+            mesh,
             control,
         })
     }
@@ -247,6 +261,7 @@ impl Sandbox {
             &dirs,
             self.cluster.subscribe(),
             self.client.clone(),
+            self.mesh.agent_settings(),
         )?;
         self.agents.insert(i, handle);
         Ok(())

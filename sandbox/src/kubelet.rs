@@ -349,18 +349,17 @@ impl Kubelet {
         };
         // The sidecar first, as a native sidecar starts before the app: the CNI plugin has
         // already pointed the pod's TCP at it.
-        let sidecar =
-            match (&self.mesh, &declared.sidecar) {
-                (Some(mesh), Some(pod)) => {
-                    Some(mesh.start_sidecar(&ns, pod).await.map_err(|e| {
-                        crate::Error::Workload {
-                            pod: name.into(),
-                            source: std::io::Error::other(format!("sidecar: {e:#}")),
-                        }
-                    })?)
-                }
-                _ => None,
-            };
+        let sidecar = match (&self.mesh, &declared.sidecar) {
+            (Some(mesh), Some(pod)) => Some(
+                mesh.start_sidecar(&ns, pod, &self.agent_socket)
+                    .await
+                    .map_err(|e| crate::Error::Workload {
+                        pod: name.into(),
+                        source: std::io::Error::other(format!("sidecar: {e:#}")),
+                    })?,
+            ),
+            _ => None,
+        };
         let workload = match (&self.snapshots, declared.dns) {
             (Some(snapshots), true) => workload::start_dns(&ns, id, snapshots.clone())?,
             _ => workload::start(&ns, id, &declared.ports)?,

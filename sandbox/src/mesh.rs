@@ -1,33 +1,32 @@
-//! The mesh in the sandbox: pods annotated `fairlead.io/inject: "true"` get a
-//! `fairlead-proxy` sidecar, run by the kubelet inside the pod's namespace as a container
-//! runtime would run the injected container.
+//! The mesh in the sandbox: pods annotated `fairlead.io/inject: "true"` get the real
+//! `fairlead-proxy` binary as a sidecar, started by the kubelet inside the pod's namespace
+//! before the app, as a runtime starts a native sidecar that the injection webhook added.
 //!
-//! The sandbox is the mesh CA's home (a `fairlead-controller` `CertIssuer` against the
-//! sandbox's API server, its root in the Secret `fairlead-system/fairlead-ca`). Each sidecar
-//! proves its pod's ServiceAccount with a token from TokenRequest and gets a certificate
-//! for its own key.
-//! Outbound connections are routed from the cluster snapshot: a ClusterIP or pod address
-//! whose endpoint is a meshed pod becomes mTLS to that pod, checked against its
-//! ServiceAccount's identity; anything else passes in the clear. Interception is the CNI
-//! plugin's: the kubelet passes the pod's annotations as containerd does, and the plugin
-//! installs the nftables rules at ADD, before the sidecar and the app start.
-//!
-//! Not the production path yet: on a real node the proxy gets its certificate and routes
-//! from the node agent's socket; here the kubelet hands them over in-process.
+//! Everything runs the production path except where the CA sits:
+//! - interception: the CNI plugin installs the nftables rules at ADD (the kubelet passes the
+//!   pod's annotations as containerd does);
+//! - certificates: the proxy makes its own key and sends a CSR with its ServiceAccount token
+//!   (from TokenRequest, written where a projected token volume would put it) to its node
+//!   agent's socket (`MESH-CERT`); the agent hands it to the mesh CA, a
+//!   `fairlead-controller` `CertIssuer` whose root is the Secret `fairlead-system/fairlead-ca`
+//!   and which checks the token with TokenReview. On a real cluster the agent reaches the
+//!   controller's CA over the network; here the CA lives in the sandbox process;
+//! - routes: the proxy follows its agent's `MESH-ROUTES`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use fairlead_agent::mesh::routes_from_snapshot;
-use fairlead_controller::{new_key_and_csr, CertIssuer, IssuerConfig, SpiffeId};
+use fairlead_agent::mesh::{CertReply, CertRequest, MeshIssuer, MeshSettings};
+use fairlead_controller::{CertIssuer, IssuerConfig, SpiffeId};
 use fairlead_core::{Pod, Snapshot};
-use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
-use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode, MODE_ANNOTATION};
-use fairlead_proxy::outbound;
-use fairlead_proxy::rotation::{self, CertSource, CredentialStore, Fetched};
-use fairlead_proxy::routes::MeshRoutes;
-use fairlead_proxy::transparent::{Dialer, ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use fairlead_proxy::{MeshTls, PeerId};
+use fairlead_proxy::inbound::MODE_ANNOTATION;
+use fairlead_proxy::transparent::ADMIN_PORT;
+use fairlead_proxy::PeerId;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
@@ -36,29 +35,67 @@ use crate::netns;
 /// The annotation that asks for a sidecar (the injection webhook's, on a real cluster).
 pub use fairlead_netns::mesh::INJECT_ANNOTATION;
 
+/// How long a projected token the sandbox writes is valid: longer than a certificate's
+/// half-life, so every renewal finds a valid one.
+const TOKEN_SECONDS: i64 = 48 * 3600;
+/// How long a sidecar may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Whether a pod asked for a sidecar.
 pub fn injected(pod: &Pod) -> bool {
     pod.annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("true")
 }
 
-/// The mesh's control plane in the sandbox: the CA.
+/// The mesh's control plane in the sandbox: the CA, and where sidecars keep their files.
 pub struct Mesh {
     issuer: Arc<CertIssuer>,
     client: kube::Client,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The `fairlead-proxy` binary.
+    proxy: PathBuf,
+    /// Per-pod token files and proxy logs.
+    dir: PathBuf,
 }
 
-/// A running sidecar; dropping it stops its listeners (the pod's namespace goes with it).
+/// A running sidecar process; dropping it kills it (by its pid).
 pub struct Sidecar {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    child: Child,
     pub identity: PeerId,
+    /// Its stderr.
+    pub log: PathBuf,
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sandbox's CA as the agents reach it.
+struct SandboxCa(Arc<CertIssuer>);
+
+impl MeshIssuer for SandboxCa {
+    fn issue<'a>(
+        &'a self,
+        r: &'a CertRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let id = SpiffeId::new(
+                &self.0.config().trust_domain,
+                &r.namespace,
+                &r.service_account,
+            );
+            let issued = self
+                .0
+                .issue(&r.token, &r.csr, &id)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(CertReply {
+                chain: issued.chain_pem,
+                bundle: issued.bundle_pem,
+            })
+        })
     }
 }
 
@@ -66,13 +103,26 @@ impl Mesh {
     pub async fn start(
         client: kube::Client,
         snapshots: watch::Receiver<Arc<Snapshot>>,
+        proxy: PathBuf,
+        dir: PathBuf,
     ) -> anyhow::Result<Arc<Self>> {
         let issuer = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+        std::fs::create_dir_all(&dir)?;
         Ok(Arc::new(Self {
             issuer: Arc::new(issuer),
             client,
             snapshots,
+            proxy,
+            dir,
         }))
+    }
+
+    /// What each node agent serves its sidecars with.
+    pub fn agent_settings(&self) -> MeshSettings {
+        MeshSettings {
+            issuer: Arc::new(SandboxCa(Arc::clone(&self.issuer))),
+            trust_domain: self.issuer.config().trust_domain.clone(),
+        }
     }
 
     /// The identity the mesh gives `pod`.
@@ -84,133 +134,105 @@ impl Mesh {
         )
     }
 
-    /// Issues the pod's certificate and starts its sidecar inside `pod_netns`.
+    /// Starts `pod`'s sidecar in `pod_netns`, talking to the agent at `agent_socket`, and
+    /// waits until it is ready (it has its certificate and listens).
     pub async fn start_sidecar(
         self: &Arc<Self>,
         pod_netns: &str,
         pod: &Pod,
+        agent_socket: &Path,
     ) -> anyhow::Result<Sidecar> {
+        anyhow::ensure!(
+            self.proxy.is_file(),
+            "the proxy binary {} is missing: build it with `cargo build -p fairlead-proxy` \
+             (./dev demo and cargo test --workspace do)",
+            self.proxy.display()
+        );
         let id = self.identity_of(pod);
-        let source = Arc::new(PodSource {
-            mesh: Arc::clone(self),
-            id: id.clone(),
-        });
-        let (key, csr) = new_key_and_csr()?;
-        let fetched = source
-            .fetch(&csr)
-            .await
-            .map_err(|e| anyhow::anyhow!("issuing {id}: {e}"))?;
-        let creds = CredentialStore::new(MeshTls::from_pem(
-            &fetched.chain_pem,
-            &key,
-            &fetched.bundle_pem,
-        )?)?;
-
-        let (inbound_l, outbound_l, admin_l) =
-            netns::run_in(pod_netns, || -> std::io::Result<_> {
-                let bind = |port: u16| {
-                    let l = std::net::TcpListener::bind(SocketAddr::from((
-                        std::net::Ipv6Addr::UNSPECIFIED,
-                        port,
-                    )))?;
-                    l.set_nonblocking(true)?;
-                    Ok::<_, std::io::Error>(l)
-                };
-                Ok((bind(INBOUND_PORT)?, bind(OUTBOUND_PORT)?, bind(ADMIN_PORT)?))
-            })??;
-
-        let dialer = Dialer::in_netns(std::fs::File::open(netns::path(pod_netns))?)?;
-        let metrics = Metrics::new();
-        // Strict unless the pod (annotation) or its namespace (label) asks for permissive.
-        let mode = {
-            let snap = self.snapshots.borrow();
-            let ns_label = snap
-                .namespace(&pod.namespace)
-                .and_then(|n| n.labels.get(MODE_ANNOTATION).cloned());
-            Mode::for_workload(
-                pod.annotations.get(MODE_ANNOTATION).map(String::as_str),
-                ns_label.as_deref(),
-            )
-            .unwrap_or_else(|e| {
-                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "bad mesh mode; staying strict");
-                Mode::Strict
+        let dir = self.dir.join(pod_netns);
+        std::fs::create_dir_all(&dir)?;
+        let token_file = dir.join("token");
+        std::fs::write(
+            &token_file,
+            self.token(&pod.namespace, &pod.service_account).await?,
+        )?;
+        let log = dir.join("proxy.log");
+        // Strict unless the pod (annotation) or its namespace (label) asks for permissive;
+        // the proxy refuses a value it does not know.
+        let mode = pod
+            .annotations
+            .get(MODE_ANNOTATION)
+            .cloned()
+            .or_else(|| {
+                self.snapshots
+                    .borrow()
+                    .namespace(&pod.namespace)
+                    .and_then(|n| n.labels.get(MODE_ANNOTATION).cloned())
             })
-        };
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn({
-            let (creds, metrics, dialer) =
-                (Arc::clone(&creds), Arc::clone(&metrics), dialer.clone());
-            async move {
-                let _ = inbound::serve_mode(
-                    tokio::net::TcpListener::from_std(inbound_l).expect("tokio listener"),
-                    creds,
-                    AppTarget::OriginalPort,
-                    Authorization::TrustDomain,
-                    mode,
-                    Arc::new(|_| {}),
-                    metrics,
-                    dialer,
-                )
-                .await;
-            }
-        }));
-        // The routing table, as the node agent's MESH-ROUTES serves it to real sidecars,
-        // rebuilt on every snapshot.
-        let (routes_tx, routes) = watch::channel(Arc::new(MeshRoutes::default()));
-        tasks.push(tokio::spawn({
-            let mut snapshots = self.snapshots.clone();
-            let td = self.issuer.config().trust_domain.clone();
-            async move {
-                loop {
-                    let table = routes_from_snapshot(&snapshots.borrow_and_update(), &td);
-                    routes_tx.send_replace(Arc::new(table));
-                    if snapshots.changed().await.is_err() {
-                        break;
+            .unwrap_or_else(|| "strict".into());
+        let netns_file = std::fs::File::open(netns::path(pod_netns))?;
+        let mut cmd = Command::new(&self.proxy);
+        cmd.arg("--agent-socket")
+            .arg(agent_socket)
+            .args(["--namespace", &pod.namespace])
+            .args(["--service-account", &pod.service_account])
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["--mode", &mode])
+            .env("FAIRLEAD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = netns_file.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls: setns(2) into the
+            // pod's namespace, and prctl(2) so the proxy dies with the sandbox process.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
                     }
-                }
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
-        }));
-        tasks.push(tokio::spawn({
-            let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
-            async move {
-                let route = Arc::new(move |orig: SocketAddr| routes.borrow().route(orig));
-                let _ = outbound::serve_transparent(
-                    tokio::net::TcpListener::from_std(outbound_l).expect("tokio listener"),
-                    creds,
-                    route,
-                    metrics,
-                    dialer,
-                )
-                .await;
-            }
-        }));
-        tasks.push(tokio::spawn({
-            let (creds, metrics) = (Arc::clone(&creds), Arc::clone(&metrics));
-            async move {
-                admin::serve(
-                    tokio::net::TcpListener::from_std(admin_l).expect("tokio listener"),
-                    creds,
-                    metrics,
-                    ProxyConfig {
-                        inbound: Some(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))),
-                        outbound: Some(SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT))),
-                        application: None,
-                        mode: mode.to_string(),
-                    },
-                )
-                .await;
-            }
-        }));
-        tasks.push(tokio::spawn(rotation::renew(
-            creds,
-            source,
-            || new_key_and_csr().map_err(|e| e.to_string()),
-            rotation::Backoff::default(),
-        )));
-        Ok(Sidecar {
-            tasks,
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", self.proxy.display()))?;
+        drop(netns_file);
+        let mut sidecar = Sidecar {
+            child,
             identity: PeerId(id.uri()),
-        })
+            log,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if ready(pod_netns).await {
+                return Ok(sidecar);
+            }
+            if let Some(status) = sidecar.child.try_wait()? {
+                anyhow::bail!(
+                    "the sidecar of {}/{} exited ({status}): {}",
+                    pod.namespace,
+                    pod.name,
+                    tail(&sidecar.log)
+                );
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the sidecar of {}/{} was not ready within {READY_TIMEOUT:?}: {}",
+                    pod.namespace,
+                    pod.name,
+                    tail(&sidecar.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn token(&self, namespace: &str, service_account: &str) -> anyhow::Result<String> {
@@ -219,7 +241,7 @@ impl Mesh {
         let request = k8s_openapi::api::authentication::v1::TokenRequest {
             spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
                 audiences: vec![],
-                expiration_seconds: Some(3600),
+                expiration_seconds: Some(TOKEN_SECONDS),
                 bound_object_ref: None,
             },
             ..Default::default()
@@ -233,34 +255,32 @@ impl Mesh {
     }
 }
 
-/// The CA as a renewal source for one pod: a fresh token, then the CSR.
-struct PodSource {
-    mesh: Arc<Mesh>,
-    id: SpiffeId,
+/// Whether the sidecar in `pod_netns` answers `/ready` with 200.
+async fn ready(pod_netns: &str) -> bool {
+    let ns = pod_netns.to_owned();
+    tokio::task::spawn_blocking(move || {
+        netns::run_in(&ns, || {
+            use std::io::{Read, Write};
+            let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut out = String::new();
+            s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.starts_with("HTTP/1.1 200")
+        })
+        .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
 }
 
-impl CertSource for PodSource {
-    fn fetch<'a>(
-        &'a self,
-        csr_pem: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, String>> + Send + 'a>>
-    {
-        Box::pin(async move {
-            let token = self
-                .mesh
-                .token(&self.id.namespace, &self.id.service_account)
-                .await
-                .map_err(|e| e.to_string())?;
-            let issued = self
-                .mesh
-                .issuer
-                .issue(&token, csr_pem, &self.id)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(Fetched {
-                chain_pem: issued.chain_pem,
-                bundle_pem: issued.bundle_pem,
-            })
-        })
-    }
+/// The last lines of a log, for an error message.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
 }

@@ -168,18 +168,31 @@ async fn meshed_pods_talk_mtls_with_identities() {
                 "no sidecar there: the header is the client's own"
             );
 
-            // The sidecar's admin port.
-            let ready = netns::run_in(&ns("cart"), || {
-                let mut s = TcpStream::connect("127.0.0.1:15020").unwrap();
-                s.write_all(b"GET /ready HTTP/1.1\r\n\r\n").unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).unwrap();
-                out
-            })
-            .unwrap();
+            // The sidecar's admin port: readiness, its mode, and request metrics by client.
+            let admin = |pod: &str, path: &'static str| {
+                netns::run_in(&ns(pod), move || {
+                    let mut s = TcpStream::connect("127.0.0.1:15020").unwrap();
+                    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+                        .unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).unwrap();
+                    out
+                })
+                .unwrap()
+            };
+            let ready = admin("cart", "/ready");
             assert!(
                 ready.starts_with("HTTP/1.1 200") && ready.contains("sa/cart"),
                 "{ready}"
+            );
+            let config = admin("legacy", "/config");
+            assert!(config.contains("\"mode\":\"permissive\""), "{config}");
+            let metrics = admin("catalog", "/metrics");
+            assert!(
+                metrics.contains(
+                    "fairlead_proxy_requests_total{direction=\"inbound\",peer=\"spiffe://cluster.local/ns/shop/sa/cart\",route=\"127.0.0.1:8080\",status_class=\"2xx\"} 6"
+                ),
+                "{metrics}"
             );
         }
         .boxed()

@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,6 +20,9 @@ use fairlead_core::{EndpointSlice, Pod, Service, Snapshot};
 use fairlead_proxy::routes::MeshRoutes;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+mod common;
+use common::proxy_binary;
 
 /// The mesh CA behind the agent: a token `token-<ns>-<sa>` proves that identity.
 struct FakeCa(Ca);
@@ -76,22 +78,6 @@ fn snapshot(with_pod: bool) -> Snapshot {
         b = b.pod(Pod::try_from(&pod).unwrap());
     }
     b.build()
-}
-
-fn proxy_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("fairlead-proxy");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo build -p fairlead-proxy` (cargo test --workspace does)",
-        p.display()
-    );
-    p
 }
 
 fn free_port() -> SocketAddr {

@@ -70,6 +70,7 @@ async fn pods_reach_each_other(name: &str, routing: RoutingMode) {
         routing,
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
+        proxy: common::proxy_binary(),
         maglev: false,
     })
     .await

@@ -8,6 +8,17 @@ use futures::FutureExt;
 use fairlead_sandbox::cluster::{RoutingMode, Sandbox, SandboxConfig};
 use fairlead_sandbox::{agents, cgroup, netns, topology::Topology};
 
+/// `fairlead-proxy` as cargo built it (`cargo test --workspace` builds it); the sandbox says
+/// so clearly if a meshed pod needs it and it is missing.
+pub fn proxy_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("fairlead-proxy")
+}
+
 /// `fairlead-cni` as cargo built it, next to this test's deps folder.
 pub fn cni_plugin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -36,6 +47,7 @@ where
         routing: RoutingMode::vxlan(),
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
+        proxy: proxy_binary(),
         maglev: false,
     })
     .await
