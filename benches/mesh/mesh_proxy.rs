@@ -78,8 +78,8 @@ fn main() {
     let secs = env_num("MESH_BENCH_SECS", 5);
     let fixed_secs = env_num("MESH_BENCH_FIXED_SECS", 5);
 
-    let dir = tempdir();
-    let certs = Certs::write(&dir);
+    let dir = TempDir::new();
+    let certs = Certs::write(&dir.0);
     let mut procs = Procs::default();
     procs.start(
         "server",
@@ -137,7 +137,7 @@ fn main() {
         ]),
         FL_ADMIN_OUT,
     );
-    let ha_cfg = haproxy_config(&dir, &certs);
+    let ha_cfg = haproxy_config(&dir.0, &certs);
     let ha_in = procs.start(
         "haproxy inbound",
         Command::new("haproxy").args(["-db", "-f", &ha_cfg.0]),
@@ -193,7 +193,6 @@ fn main() {
     let report = report(&results, &mem, rounds, secs, fixed_secs, &versions);
     println!("{report}");
     drop(procs);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const PATHS: [(&str, u16); 3] = [
@@ -649,8 +648,19 @@ fn first_line(cmd: &mut Command) -> String {
         .to_owned()
 }
 
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fairlead-mesh-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// The bench's files; removed when dropped, also when the bench panics.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let d = std::env::temp_dir().join(format!("fairlead-mesh-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
