@@ -15,7 +15,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use time::OffsetDateTime;
 use tracing::info;
 
-use crate::ca::{Ca, CaError, SpiffeId};
+use crate::ca::{Ca, CaError, Leaf, SpiffeId};
 
 /// Where and how the CA issues.
 #[derive(Debug, Clone)]
@@ -143,6 +143,18 @@ impl CertIssuer {
             }
         }
         pem
+    }
+
+    /// A serving certificate for the controller's own `dns_names` (its webhook), signed by
+    /// the current root, so the API server trusts it with [`Self::bundle`] as `caBundle`.
+    /// Returns the leaf (chain PEM) and its key (PEM).
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Leaf, String), IssueError> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        Ok(state.current.issue_serving(dns_names, ttl)?)
     }
 
     /// Signs `csr_pem` for `requested`, once the API server confirms that `token` is a
