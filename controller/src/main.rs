@@ -163,9 +163,27 @@ async fn run(args: Args) -> Result<(), String> {
 /// Writes `bundle` as every webhook's `caBundle` in the MutatingWebhookConfiguration `name`.
 async fn set_ca_bundle(client: &kube::Client, name: &str, bundle: &str) -> Result<(), String> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let mut config = api.get(name).await.map_err(|e| {
-        format!("reading the MutatingWebhookConfiguration {name} (--webhook-config): {e}")
-    })?;
+    // Helm creates webhook configurations after Deployments, so it may not exist yet.
+    let mut attempts = 0;
+    let mut config = loop {
+        match api.get_opt(name).await {
+            Ok(Some(c)) => break c,
+            Ok(None) if attempts < 30 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "the MutatingWebhookConfiguration {name} (--webhook-config) does not exist"
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "reading the MutatingWebhookConfiguration {name} (--webhook-config): {e}"
+                ))
+            }
+        }
+    };
     for hook in config.webhooks.iter_mut().flatten() {
         hook.client_config.ca_bundle = Some(ByteString(bundle.as_bytes().to_vec()));
     }
