@@ -28,14 +28,43 @@ const DNS_NAME: &str = "fairlead-controller.fairlead-system.svc";
 struct Webhook {
     addr: std::net::SocketAddr,
     connector: TlsConnector,
-    task: tokio::task::JoinHandle<()>,
+    /// The server, in this process or as the `fairlead-controller` binary.
+    task: Option<tokio::task::JoinHandle<()>>,
+    _child: Option<Killed>,
     _api: ApiServer,
+}
+
+/// A child process, killed (and reaped) when dropped, also when a test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Drop for Webhook {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
+}
+
+/// A TLS client that trusts only `bundle_pem`, as the API server trusts only the caBundle.
+fn connector(bundle_pem: &str) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// The webhook as the binary runs it: the mesh CA from its Secret (in the embedded API
@@ -57,21 +86,11 @@ async fn start(limits: Limits) -> anyhow::Result<Webhook> {
         }),
         limits,
     ));
-    // The client trusts only what the API server would: the caBundle, the mesh's roots.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(issuer.bundle().as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     Ok(Webhook {
         addr,
-        connector: TlsConnector::from(Arc::new(config)),
-        task,
+        connector: connector(&issuer.bundle())?,
+        task: Some(task),
+        _child: None,
         _api: api,
     })
 }
@@ -549,5 +568,94 @@ async fn the_serving_certificate_is_for_the_webhook_service_only() -> anyhow::Re
         .await
         .expect_err("another name must not verify");
     assert!(err.to_string().contains("certificate"), "{err}");
+    Ok(())
+}
+
+/// The `fairlead-controller` binary as the chart runs it, against the embedded API server:
+/// it creates the mesh CA, issues its serving certificate, writes the CA bundle into the
+/// webhook configuration's caBundle, and injects with that certificate.
+#[tokio::test]
+async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
+    let api = ApiServer::start("127.0.0.1:0".parse()?, ServerConfig::default()).await?;
+    let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
+    // The embedded API server has no admissionregistration group; a CRD of the same shape
+    // stands in for it.
+    api.create(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "mutatingwebhookconfigurations.admissionregistration.k8s.io"},
+        "spec": {
+            "group": "admissionregistration.k8s.io",
+            "scope": "Cluster",
+            "names": {"plural": "mutatingwebhookconfigurations", "singular": "mutatingwebhookconfiguration", "kind": "MutatingWebhookConfiguration"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))?;
+    api.create(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "fairlead-sidecar-injector"},
+        "webhooks": [{
+            "name": "inject.fairlead.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "clientConfig": {"service": {"name": "fairlead-controller", "namespace": "fairlead-system", "path": "/mutate-pods", "port": 443}}
+        }]
+    }))?;
+    let dir = std::env::temp_dir().join(format!("fairlead-controller-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_fairlead-controller"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args([
+                format!("--listen={addr}"),
+                "--webhook-config=fairlead-sidecar-injector".into(),
+                "--proxy-image=example.test/fairlead-proxy:test".into(),
+            ])
+            .spawn()?,
+    );
+    let hooks: kube::Api<
+        k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    > = kube::Api::all(client);
+    let mut bundle = None;
+    for _ in 0..200 {
+        let config = hooks.get("fairlead-sidecar-injector").await?;
+        if let Some(b) = config.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+        {
+            bundle = Some(String::from_utf8(b.0)?);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bundle = bundle.expect("the controller wrote caBundle within 20 s");
+    let hook = Webhook {
+        addr,
+        connector: connector(&bundle)?,
+        task: None,
+        _child: Some(child),
+        _api: api,
+    };
+    // The server may still be binding its port.
+    for _ in 0..100 {
+        if hook.tls(DNS_NAME).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (response, patched) = hook.admit(&web_pod()).await?;
+    assert_eq!(response["allowed"], true);
+    assert_eq!(
+        names(&patched["spec"]["initContainers"]),
+        ["fairlead-proxy", "migrate"]
+    );
+    assert_sidecar(&patched["spec"]["initContainers"][0]);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
