@@ -36,6 +36,11 @@
 //! an injected pod's proxy fails its startup probe and the app does not start, which is
 //! the failure we want over an app running outside the mesh it asked for.
 //!
+//! Also open: the hostPath volume is what Pod Security Admission's `baseline` and
+//! `restricted` levels forbid, so a namespace enforcing either rejects injected pods; a CSI
+//! driver handing over the agent's socket (as the SPIFFE CSI driver does for SPIRE) would
+//! lift that.
+//!
 //! Decisions: only Pod CREATE requests are looked at (everything else is allowed as is);
 //! `fairlead.io/inject` other than `"true"` means no sidecar; a pod that already has a
 //! `fairlead-proxy` container gets no patch (the API server may call a webhook again, and

@@ -181,7 +181,7 @@ fn review_of(object: &Value, operation: &str, kind: Value) -> Value {
     } else {
         "deployments"
     };
-    json!({
+    let mut review = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
@@ -190,7 +190,6 @@ fn review_of(object: &Value, operation: &str, kind: Value) -> Value {
             "resource": {"group": kind["group"], "version": kind["version"], "resource": resource},
             "requestKind": kind,
             "requestResource": {"group": kind["group"], "version": kind["version"], "resource": resource},
-            "name": object["metadata"]["name"].as_str().unwrap_or(""),
             "namespace": "shop",
             "operation": operation,
             "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
@@ -199,7 +198,12 @@ fn review_of(object: &Value, operation: &str, kind: Value) -> Value {
             "dryRun": false,
             "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
         }
-    })
+    });
+    // As the API server sends it: no name for a pod that has only a generateName.
+    if let Some(name) = object["metadata"]["name"].as_str() {
+        review["request"]["name"] = json!(name);
+    }
+    review
 }
 
 /// A Deployment's pod: an init container of its own, a volume, the annotation.
