@@ -4,9 +4,12 @@
 //! the mesh CA (then, with `--webhook-config`, it writes the CA bundle into the
 //! MutatingWebhookConfiguration's `caBundle`).
 //!
+//! An issued serving certificate is renewed halfway through its life; a certificate from
+//! files is served anew once the files change.
+//!
 //! Not yet: the endpoint through which proxies (via their node agent) get certificates,
-//! renewal of an issued serving certificate (it lives `--serving-ttl`, renewed by a
-//! restart), reloading a renewed certificate file, CRD status, leader election.
+//! following a root rotation into caBundle (the binary never rotates the root), CRD status,
+//! leader election.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fairlead_controller::server::{self, Limits};
+use fairlead_controller::server::{self, Limits, ServingCert};
 use fairlead_controller::webhook::InjectConfig;
 use fairlead_controller::{CertIssuer, IssuerConfig};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -41,7 +44,7 @@ struct Args {
     #[arg(long, default_values_t = ["fairlead-controller.fairlead-system.svc".to_owned()])]
     dns_name: Vec<String>,
     /// Lifetime of an issued serving certificate, in days.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
     serving_ttl_days: u64,
     /// A MutatingWebhookConfiguration whose webhooks get the mesh CA bundle as caBundle
     /// (only with an issued serving certificate).
@@ -126,7 +129,7 @@ async fn run(args: Args) -> Result<(), String> {
                         .into(),
                 );
             }
-            server::tls_config_from_files(cert, key).map_err(|e| e.to_string())?
+            ServingCert::from_files(cert, key).map_err(|e| e.to_string())?
         }
         _ => {
             let ttl = Duration::from_secs(args.serving_ttl_days * 24 * 3600);
@@ -136,9 +139,17 @@ async fn run(args: Args) -> Result<(), String> {
             if let Some(name) = &args.webhook_config {
                 set_ca_bundle(&client, name, &issuer.bundle()).await?;
             }
-            server::tls_config(&leaf.chain_pem, &key).map_err(|e| e.to_string())?
+            let cert = ServingCert::from_pem(&leaf.chain_pem, &key).map_err(|e| e.to_string())?;
+            tokio::spawn(renew(
+                Arc::new(issuer),
+                Arc::clone(&cert),
+                args.dns_name.clone(),
+                ttl,
+            ));
+            cert
         }
     };
+    let tls = tls.tls_config().map_err(|e| e.to_string())?;
     let mut inject = InjectConfig::default();
     if let Some(image) = args.proxy_image {
         inject.image = image;
@@ -158,6 +169,29 @@ async fn run(args: Args) -> Result<(), String> {
     )
     .await;
     Ok(())
+}
+
+/// Re-issues the serving certificate halfway through its life (every minute after a
+/// failure, while the current one is still served).
+async fn renew(issuer: Arc<CertIssuer>, cert: Arc<ServingCert>, names: Vec<String>, ttl: Duration) {
+    let mut wait = ttl / 2;
+    loop {
+        tokio::time::sleep(wait).await;
+        let renewed = issuer
+            .issue_serving(&names, ttl)
+            .map_err(|e| e.to_string())
+            .and_then(|(leaf, key)| cert.set(&leaf.chain_pem, &key).map_err(|e| e.to_string()));
+        wait = match renewed {
+            Ok(()) => {
+                tracing::info!("serving certificate renewed");
+                ttl / 2
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the serving certificate failed; retrying in a minute");
+                Duration::from_secs(60)
+            }
+        };
+    }
 }
 
 /// Writes `bundle` as every webhook's `caBundle` in the MutatingWebhookConfiguration `name`.

@@ -7,19 +7,24 @@
 //! the limit is refused with 413 before it is read (by its Content-Length) or as soon as it
 //! passes the limit (chunked).
 //!
-//! The serving certificate comes from PEM files (a cert-manager Certificate's Secret,
-//! mounted; read once at start, so a renewed Secret needs a restart to be served) or is
-//! issued at start by the mesh CA ([`crate::CertIssuer::issue_serving`]).
+//! The serving certificate ([`ServingCert`]) comes from PEM files (a cert-manager
+//! Certificate's Secret, mounted; a renewed pair is served from the next handshake on) or
+//! is issued by the mesh CA ([`crate::CertIssuer::issue_serving`]; the binary renews it
+//! halfway through its life).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -63,8 +68,127 @@ pub enum ServeError {
     },
 }
 
-/// A rustls server config (ring, HTTP/1.1) for a PEM chain and key.
-pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, ServeError> {
+/// The certificate the server presents, replaceable while it serves: from files, a renewed
+/// pair (a cert-manager Secret the kubelet updated) is read at the first handshake after
+/// either file's modification time changes; an issued one is replaced with [`Self::set`].
+/// A pair that does not load leaves the current certificate in service.
+#[derive(Debug)]
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    files: Option<Files>,
+}
+
+/// Modification times of the certificate and key files.
+type Stamps = (Option<SystemTime>, Option<SystemTime>);
+
+#[derive(Debug)]
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Modification times of the pair in service.
+    loaded: Mutex<Stamps>,
+}
+
+impl ServingCert {
+    /// A certificate from a PEM chain (leaf first) and key.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, ServeError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(certified_key(chain_pem, key_pem)?),
+            files: None,
+        }))
+    }
+
+    /// A certificate from files (`tls.crt` and `tls.key` of a mounted Secret), followed as
+    /// they change.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Arc<Self>, ServeError> {
+        let files = Files {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            loaded: Mutex::new((None, None)),
+        };
+        let (ck, stamps) = files.load()?;
+        *files.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        Ok(Arc::new(Self {
+            current: RwLock::new(ck),
+            files: Some(files),
+        }))
+    }
+
+    /// Replaces the certificate; the next handshake presents the new one.
+    pub fn set(&self, chain_pem: &str, key_pem: &str) -> Result<(), ServeError> {
+        let ck = certified_key(chain_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = ck;
+        Ok(())
+    }
+
+    /// A rustls server config (ring, HTTP/1.1) presenting this certificate.
+    pub fn tls_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, ServeError> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ServeError::Cert {
+                what: "configuration".into(),
+                detail: e.to_string(),
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn reload_if_changed(&self) {
+        let Some(files) = &self.files else { return };
+        let mut loaded = files.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if files.stamps() == *loaded {
+            return;
+        }
+        match files.load() {
+            Ok((ck, stamps)) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = ck;
+                *loaded = stamps;
+                info!(cert = %files.cert.display(), "serving certificate reloaded");
+            }
+            // Half-written or mismatched: keep serving the valid one, try again next time.
+            Err(e) => {
+                warn!(error = %e, "the changed serving certificate does not load; keeping the current one")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.reload_if_changed();
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+}
+
+impl Files {
+    fn stamps(&self) -> Stamps {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (mtime(&self.cert), mtime(&self.key))
+    }
+
+    fn load(&self) -> Result<(Arc<CertifiedKey>, Stamps), ServeError> {
+        let stamps = self.stamps();
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ServeError::Read {
+                what,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let ck = certified_key(&read("certificate", &self.cert)?, &read("key", &self.key)?)?;
+        Ok((ck, stamps))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, ServeError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| ServeError::Cert {
@@ -81,36 +205,12 @@ pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, S
         what: "key".into(),
         detail: e.to_string(),
     })?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ServeError::Cert {
-                what: "configuration".into(),
-                detail: e.to_string(),
-            })?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| ServeError::Cert {
-                what: "chain and key".into(),
-                detail: e.to_string(),
-            })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// [`tls_config`] from files (`tls.crt` and `tls.key` of a mounted Secret).
-pub fn tls_config_from_files(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<Arc<ServerConfig>, ServeError> {
-    let read = |what: &'static str, path: &std::path::Path| {
-        std::fs::read_to_string(path).map_err(|source| ServeError::Read {
-            what,
-            path: path.display().to_string(),
-            source,
+    CertifiedKey::from_der(certs, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| ServeError::Cert {
+            what: "chain and key".into(),
+            detail: e.to_string(),
         })
-    };
-    tls_config(&read("certificate", cert)?, &read("key", key)?)
 }
 
 /// Serves the webhook on `listener` until the task is dropped.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use fairlead_apiserver::{ApiServer, ServerConfig};
-use fairlead_controller::server::{self, Limits};
+use fairlead_controller::server::{self, Limits, ServingCert};
 use fairlead_controller::webhook::InjectConfig;
 use fairlead_controller::{CertIssuer, IssuerConfig};
 use http_body_util::{BodyExt, Full};
@@ -31,7 +31,7 @@ struct Webhook {
     /// The server, in this process or as the `fairlead-controller` binary.
     task: Option<tokio::task::JoinHandle<()>>,
     _child: Option<Killed>,
-    _api: ApiServer,
+    _api: Option<ApiServer>,
 }
 
 /// A child process, killed (and reaped) when dropped, also when a test fails.
@@ -74,7 +74,7 @@ async fn start(limits: Limits) -> anyhow::Result<Webhook> {
     let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
     let issuer = CertIssuer::load_or_create(client, IssuerConfig::default()).await?;
     let (leaf, key) = issuer.issue_serving(&[DNS_NAME.to_owned()], Duration::from_secs(3600))?;
-    let tls = server::tls_config(&leaf.chain_pem, &key)?;
+    let tls = ServingCert::from_pem(&leaf.chain_pem, &key)?.tls_config()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(server::serve(
@@ -91,7 +91,7 @@ async fn start(limits: Limits) -> anyhow::Result<Webhook> {
         connector: connector(&issuer.bundle())?,
         task: Some(task),
         _child: None,
-        _api: api,
+        _api: Some(api),
     })
 }
 
@@ -644,7 +644,7 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
         connector: connector(&bundle)?,
         task: None,
         _child: Some(child),
-        _api: api,
+        _api: Some(api),
     };
     // The server may still be binding its port.
     for _ in 0..100 {
@@ -660,6 +660,70 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
         ["fairlead-proxy", "migrate"]
     );
     assert_sidecar(&patched["spec"]["initContainers"][0]);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The first certificate of a PEM chain, DER.
+fn leaf_der(chain_pem: &str) -> Vec<u8> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+/// cert-manager renews the Secret and the kubelet updates the mounted files: the next
+/// handshake presents the new certificate, and a pair that does not load leaves the last
+/// good one in service.
+#[tokio::test]
+async fn a_renewed_certificate_file_is_served_from_the_next_handshake() -> anyhow::Result<()> {
+    let ca = fairlead_controller::Ca::generate("cluster.local", Duration::from_secs(3600))?;
+    let issue = || ca.issue_serving(&[DNS_NAME.to_owned()], Duration::from_secs(3600));
+    let dir = std::env::temp_dir().join(format!("fairlead-webhook-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |chain: &str, key: &str| -> std::io::Result<()> {
+        std::fs::write(&cert_path, chain)?;
+        std::fs::write(&key_path, key)
+    };
+    let (first, first_key) = issue()?;
+    write(&first.chain_pem, &first_key)?;
+    let cert = ServingCert::from_files(&cert_path, &key_path)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let hook = Webhook {
+        addr: listener.local_addr()?,
+        connector: connector(ca.cert_pem())?,
+        task: Some(tokio::spawn(server::serve(
+            listener,
+            cert.tls_config()?,
+            Arc::new(InjectConfig::default()),
+            Limits::default(),
+        ))),
+        _child: None,
+        _api: None,
+    };
+    let presented = || async {
+        let tls = hook.tls(DNS_NAME).await.expect("a handshake");
+        tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+    };
+    assert_eq!(presented().await, leaf_der(&first.chain_pem));
+
+    let (second, second_key) = issue()?;
+    write(&second.chain_pem, &second_key)?;
+    assert_eq!(presented().await, leaf_der(&second.chain_pem), "renewed");
+
+    // Half-written: a new certificate with the old key. Still the last good pair.
+    let (third, _) = issue()?;
+    std::fs::write(&cert_path, &third.chain_pem)?;
+    assert_eq!(presented().await, leaf_der(&second.chain_pem), "kept");
+    std::fs::write(&cert_path, "garbage")?;
+    assert_eq!(presented().await, leaf_der(&second.chain_pem), "kept");
+
+    // The binary's renewal of an issued certificate: replaced in place.
+    let (fourth, fourth_key) = issue()?;
+    cert.set(&fourth.chain_pem, &fourth_key)?;
+    assert_eq!(presented().await, leaf_der(&fourth.chain_pem), "set");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
