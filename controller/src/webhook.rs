@@ -230,7 +230,7 @@ fn decide(
             r
         }
         Plan::Refuse(message) => deny(message),
-        Plan::Inject => match allow.clone().with_patch(injection_patch(&pod, config)) {
+        Plan::Inject => match allow.with_patch(injection_patch(&pod, config)) {
             Ok(r) => r,
             Err(e) => deny(format!("the injection patch could not be written: {e}")),
         },
