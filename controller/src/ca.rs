@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    PKCS_ECDSA_P256_SHA256,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use time::OffsetDateTime;
 
@@ -33,6 +33,8 @@ pub enum CaError {
     BadCsr(String),
     #[error("the CA certificate or key is not valid: {0}")]
     BadCa(String),
+    #[error("{0:?} is not a DNS name a serving certificate can carry")]
+    BadDnsName(String),
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
 }
@@ -208,6 +210,49 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        self.sign(params, ttl, &csr.public_key)
+    }
+
+    /// A TLS serving certificate for `dns_names` (the controller's webhook, when no
+    /// certificate is mounted): a fresh P-256 key and a leaf signed by this CA. Unlike
+    /// workload leaves it names DNS names, not a SPIFFE ID, and serves only as a server.
+    /// Returns the chain (leaf, then CA) and the key, PEM.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Leaf, String), CaError> {
+        if dns_names.is_empty() {
+            return Err(CaError::BadDnsName(String::new()));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns_names[0].as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| {
+                n.clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|_| CaError::BadDnsName(n.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        Ok((self.sign(params, ttl, &key)?, key.serialize_pem()))
+    }
+
+    /// Signs a leaf for `public_key`: valid from a little before now for `ttl`, a random
+    /// serial, and this CA's key identifier, so peers can find the issuer during a rotation.
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        ttl: Duration,
+        public_key: &impl PublicKeyData,
+    ) -> Result<Leaf, CaError> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + ttl;
@@ -215,7 +260,7 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
             .map_err(|e| CaError::BadCa(e.to_string()))?;
-        let leaf = params.signed_by(&csr.public_key, &issuer)?;
+        let leaf = params.signed_by(public_key, &issuer)?;
         Ok(Leaf {
             chain_pem: format!("{}{}", leaf.pem(), self.cert_pem),
             not_after: params.not_after,

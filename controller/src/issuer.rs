@@ -15,7 +15,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use time::OffsetDateTime;
 use tracing::info;
 
-use crate::ca::{Ca, CaError, SpiffeId};
+use crate::ca::{Ca, CaError, Leaf, SpiffeId};
 
 /// Where and how the CA issues.
 #[derive(Debug, Clone)]
@@ -28,6 +28,9 @@ pub struct IssuerConfig {
     pub secret: String,
     /// Lifetime of a root the controller generates.
     pub root_validity: Duration,
+    /// The audience a proxy's token must carry (the projected token the injection webhook
+    /// mounts asks for it), so a token minted for anything else proves nothing here.
+    pub audience: String,
 }
 
 impl Default for IssuerConfig {
@@ -38,6 +41,7 @@ impl Default for IssuerConfig {
             namespace: "fairlead-system".into(),
             secret: "fairlead-ca".into(),
             root_validity: Duration::from_secs(365 * 24 * 3600),
+            audience: "fairlead".into(),
         }
     }
 }
@@ -145,6 +149,18 @@ impl CertIssuer {
         pem
     }
 
+    /// A serving certificate for the controller's own `dns_names` (its webhook), signed by
+    /// the current root, so the API server trusts it with [`Self::bundle`] as `caBundle`.
+    /// Returns the leaf (chain PEM) and its key (PEM).
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Leaf, String), IssueError> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        Ok(state.current.issue_serving(dns_names, ttl)?)
+    }
+
     /// Signs `csr_pem` for `requested`, once the API server confirms that `token` is a
     /// ServiceAccount token of exactly that namespace and account.
     pub async fn issue(
@@ -179,7 +195,7 @@ impl CertIssuer {
             metadata: ObjectMeta::default(),
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: None,
+                audiences: Some(vec![self.config.audience.clone()]),
             },
             status: None,
         };

@@ -47,7 +47,7 @@ fn id(ns: &str, sa: &str) -> SpiffeId {
 async fn workloads_get_their_own_identity_and_nobody_elses() -> anyhow::Result<()> {
     let (server, client) = start().await?;
     let ca = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
-    let token = server.issue_token("shop", "cart", &[], Duration::from_secs(3600))?;
+    let token = server.issue_token("shop", "cart", &["fairlead"], Duration::from_secs(3600))?;
     let (_key, csr) = new_key_and_csr()?;
 
     let issued = ca.issue(&token, &csr, &id("shop", "cart")).await?;
@@ -87,6 +87,16 @@ async fn workloads_get_their_own_identity_and_nobody_elses() -> anyhow::Result<(
         .await
         .unwrap_err();
     assert!(matches!(err, IssueError::Unauthenticated(_)), "{err}");
+    // A valid token minted for another audience proves nothing to the mesh CA.
+    let other = server.issue_token("shop", "cart", &["vault"], Duration::from_secs(3600))?;
+    let err = ca
+        .issue(&other, &csr, &id("shop", "cart"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, IssueError::Unauthenticated(m) if m.contains("audiences")),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -98,7 +108,7 @@ async fn the_ca_survives_a_restart_and_rotates_with_overlap() -> anyhow::Result<
     let again = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
     assert_eq!(again.bundle(), bundle, "the same root from its Secret");
 
-    let token = server.issue_token("shop", "cart", &[], Duration::from_secs(3600))?;
+    let token = server.issue_token("shop", "cart", &["fairlead"], Duration::from_secs(3600))?;
     let (_key, csr) = new_key_and_csr()?;
     let before = again.issue(&token, &csr, &id("shop", "cart")).await?;
 

@@ -18,8 +18,12 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The sidecar's admin port (probes, metrics); never intercepted.
 pub const ADMIN_PORT: u16 = 15020;
-/// `SO_MARK` of the proxy's own sockets, which the output rule lets pass.
+/// `SO_MARK` of the proxy's own sockets, which the output rule lets pass (when the proxy
+/// may set it: that takes `CAP_NET_ADMIN`).
 pub const PROXY_MARK: u32 = 0x0fa1_1539;
+/// The user the injected proxy runs as; the output rule lets its sockets pass too, which is
+/// how an unprivileged proxy's own connections escape interception.
+pub const PROXY_UID: u32 = 15000;
 /// The nftables table the ruleset creates.
 pub const TABLE: &str = "fairlead_mesh";
 
@@ -62,6 +66,7 @@ pub fn nft_ruleset(skip_inbound: &[u16]) -> String {
          \tchain output {{\n\
          \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tmeta mark {PROXY_MARK:#x} return\n\
+         \t\tmeta skuid {PROXY_UID} return\n\
          \t\toifname \"lo\" return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
          \t\tip6 daddr ::1 return\n\
@@ -141,6 +146,7 @@ mod tests {
         );
         assert!(r.contains("redirect to :15006"));
         assert!(r.contains("meta mark 0xfa11539 return"));
+        assert!(r.contains("meta skuid 15000 return"));
         assert!(r.contains("redirect to :15001"));
     }
 

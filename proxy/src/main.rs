@@ -31,13 +31,18 @@ struct Args {
     #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
     agent_socket: Option<PathBuf>,
     /// With `--agent-socket`: the pod's namespace (the downward API's metadata.namespace).
-    #[arg(long, env = "FAIRLEAD_POD_NAMESPACE")]
+    #[arg(long, env = "FAIRLEAD_PROXY_POD_NAMESPACE")]
     namespace: Option<String>,
     /// With `--agent-socket`: the pod's ServiceAccount.
-    #[arg(long, env = "FAIRLEAD_SERVICE_ACCOUNT")]
+    #[arg(long, env = "FAIRLEAD_PROXY_SERVICE_ACCOUNT")]
     service_account: Option<String>,
-    /// With `--agent-socket`: the ServiceAccount token file (a projected token).
-    #[arg(long, default_value = "/var/run/secrets/fairlead/token")]
+    /// With `--agent-socket`: the ServiceAccount token file (a projected token with the
+    /// audience `fairlead`).
+    #[arg(
+        long,
+        env = "FAIRLEAD_PROXY_TOKEN",
+        default_value = "/var/run/secrets/fairlead.io/serviceaccount/token"
+    )]
     token_file: PathBuf,
     /// The workload's certificate chain (PEM, leaf first; its single URI SAN is the
     /// proxy's SPIFFE ID).
@@ -131,7 +136,7 @@ fn source(args: &Args) -> Result<Source, String> {
         else {
             return Err(
                 "--agent-socket needs --namespace and --service-account (or \
-                 FAIRLEAD_POD_NAMESPACE and FAIRLEAD_SERVICE_ACCOUNT)"
+                 FAIRLEAD_PROXY_POD_NAMESPACE and FAIRLEAD_PROXY_SERVICE_ACCOUNT)"
                     .into(),
             );
         };

@@ -149,7 +149,13 @@ impl Dialer {
                 )
             };
             if rc != 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // Without CAP_NET_ADMIN (the injected sidecar runs unprivileged) the mark
+                // cannot be set; the interception rules let the proxy's user pass instead
+                // (`meta skuid`, fairlead_netns::mesh::PROXY_UID).
+                if e.raw_os_error() != Some(libc::EPERM) {
+                    return Err(e);
+                }
             }
         }
         let stream = socket.connect(addr).await?;

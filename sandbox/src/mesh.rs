@@ -240,7 +240,7 @@ impl Mesh {
             Api::namespaced(self.client.clone(), namespace);
         let request = k8s_openapi::api::authentication::v1::TokenRequest {
             spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
-                audiences: vec![],
+                audiences: vec![self.issuer.config().audience.clone()],
                 expiration_seconds: Some(TOKEN_SECONDS),
                 bound_object_ref: None,
             },
