@@ -279,7 +279,13 @@ fn assert_sidecar(proxy: &Value) {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for flag in ["--agent-socket", "--token-file", "--inbound", "--outbound", "--admin"] {
+    for flag in [
+        "--agent-socket",
+        "--token-file",
+        "--inbound",
+        "--outbound",
+        "--admin",
+    ] {
         assert!(args.contains(&flag), "{flag} in {args:?}");
     }
     assert!(args.contains(&"/var/run/fairlead/agent.sock"), "{args:?}");
