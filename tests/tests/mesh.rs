@@ -131,6 +131,18 @@ async fn meshed_pods_talk_mtls_with_identities() {
                 "spiffe://cluster.local/ns/shop/sa/cart",
                 "the server's app sees the client's SPIFFE ID (not the forged header): {line}"
             );
+            // Over IPv6 too (the pods are dual-stack; interception is an inet table and the
+            // proxy recovers IPv6 original destinations).
+            let v6 = *snap
+                .pod("shop", "catalog")
+                .and_then(|p| p.ips.iter().find(|i| i.is_ipv6()))
+                .expect("pod IPv6");
+            let line = get(&ns("cart"), SocketAddr::new(v6, 8080)).unwrap();
+            assert_eq!(
+                field(&line, "identity"),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                "over IPv6: {line}"
+            );
             // By pod address too, several times.
             for _ in 0..5 {
                 let line = get(&ns("cart"), SocketAddr::new(v4("catalog"), 8080)).unwrap();
