@@ -72,7 +72,8 @@ use serde_json::{json, Value};
 /// proxy's own connections from the app's by socket owner (`meta skuid`): an unprivileged
 /// process cannot set `SO_MARK`, which needs `CAP_NET_ADMIN`.
 pub use fairlead_netns::mesh::{
-    ADMIN_PORT, INBOUND_PORT, INJECT_ANNOTATION, OUTBOUND_PORT, PROXY_UID,
+    ADMIN_PORT, INBOUND_PORT, INJECT_ANNOTATION, MODE_ANNOTATION, OPAQUE_PORTS_ANNOTATION,
+    OUTBOUND_PORT, PROXY_UID,
 };
 /// The injected container's name; its presence makes injection a no-op.
 pub const PROXY_CONTAINER: &str = "fairlead-proxy";
@@ -268,6 +269,9 @@ fn plan(pod: &Pod) -> Plan {
              node's ports {INBOUND_PORT}, {OUTBOUND_PORT} and {ADMIN_PORT})"
         ));
     }
+    if let Err(e) = per_pod_args(pod) {
+        return Plan::Refuse(e);
+    }
     let ours = [VOLUME_AGENT, VOLUME_TOKEN, VOLUME_CREDENTIALS];
     if let Some(clash) = spec
         .volumes
@@ -284,11 +288,43 @@ fn plan(pod: &Pod) -> Plan {
     Plan::Inject
 }
 
+/// The proxy flags a pod's own annotations ask for (`fairlead.io/mode`,
+/// `fairlead.io/opaque-ports`); a value the proxy would refuse is an error naming the
+/// annotation, so the pod is refused at admission instead of failing at start.
+fn per_pod_args(pod: &Pod) -> Result<Vec<String>, String> {
+    let annotation = |k: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(k))
+            .map(String::as_str)
+    };
+    let mut args = Vec::new();
+    if let Some(mode) = annotation(MODE_ANNOTATION) {
+        if mode != "strict" && mode != "permissive" {
+            return Err(format!(
+                "{MODE_ANNOTATION}: {mode:?} is not `strict` or `permissive`"
+            ));
+        }
+        args.extend(["--mode".to_owned(), mode.to_owned()]);
+    }
+    if let Some(ports) = annotation(OPAQUE_PORTS_ANNOTATION) {
+        fairlead_netns::mesh::parse_ports(ports)
+            .map_err(|e| format!("{OPAQUE_PORTS_ANNOTATION}: {e}"))?;
+        args.extend(["--opaque-ports".to_owned(), ports.to_owned()]);
+    }
+    Ok(args)
+}
+
 /// The JSON patch that injects the sidecar: first among the init containers, and its
 /// volumes appended.
 fn injection_patch(pod: &Pod, config: &InjectConfig) -> Patch {
     let spec = pod.spec.as_ref();
-    let sidecar = to_value(&sidecar(config));
+    let mut container = sidecar(config);
+    if let Some(args) = container.args.as_mut() {
+        args.extend(per_pod_args(pod).unwrap_or_default());
+    }
+    let sidecar = to_value(&container);
     let volumes: Vec<Value> = volumes(config).iter().map(to_value).collect();
     let mut ops = Vec::new();
     if spec.is_some_and(|s| s.init_containers.as_ref().is_some_and(|c| !c.is_empty())) {

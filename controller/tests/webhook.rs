@@ -369,6 +369,51 @@ async fn an_annotated_pod_gets_a_native_sidecar_first_and_only_once() -> anyhow:
 }
 
 #[tokio::test]
+async fn the_pods_mode_and_opaque_ports_reach_the_proxy_and_bad_values_are_refused(
+) -> anyhow::Result<()> {
+    let hook = start(Limits::default()).await?;
+    let mut pod = web_pod();
+    pod["metadata"]["annotations"]["fairlead.io/mode"] = json!("permissive");
+    pod["metadata"]["annotations"]["fairlead.io/opaque-ports"] = json!("3306, 25");
+    let (response, patched) = hook.admit(&pod).await?;
+    assert_eq!(response["allowed"], true);
+    let args: Vec<&str> = patched["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--mode", "permissive"])
+            && args.windows(2).any(|w| w == ["--opaque-ports", "3306, 25"]),
+        "{args:?}"
+    );
+    for (key, value, says) in [
+        (
+            "fairlead.io/mode",
+            "open",
+            "\"open\" is not `strict` or `permissive`",
+        ),
+        (
+            "fairlead.io/opaque-ports",
+            "3306,mysql",
+            "\"mysql\" is not a port",
+        ),
+    ] {
+        let mut bad = web_pod();
+        bad["metadata"]["annotations"][key] = json!(value);
+        let (status, review) = hook.post(&review_of(&bad, "CREATE", pod_kind())).await?;
+        assert_eq!(status, 200);
+        assert_eq!(review["response"]["allowed"], false, "{review}");
+        let message = review["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("");
+        assert!(message.contains(key) && message.contains(says), "{message}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_jobs_pod_gets_the_native_sidecar_so_the_job_can_complete() -> anyhow::Result<()> {
     let hook = start(Limits::default()).await?;
     // A Job's pod: restartPolicy Never, no init containers, no volumes.

@@ -12,6 +12,12 @@ pub const INJECT_ANNOTATION: &str = "fairlead.io/inject";
 /// Inbound ports that bypass the sidecar, comma-separated (for server-speaks-first
 /// protocols the user keeps in the clear, like Linkerd's `skip-inbound-ports`).
 pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "fairlead.io/skip-inbound-ports";
+/// `strict` (default) or `permissive` (plaintext clients reach the app without an
+/// identity), on a pod, or as a label on its namespace.
+pub const MODE_ANNOTATION: &str = "fairlead.io/mode";
+/// Application ports that speak opaque TCP (server-speaks-first), comma-separated: the
+/// sidecar skips protocol detection on them.
+pub const OPAQUE_PORTS_ANNOTATION: &str = "fairlead.io/opaque-ports";
 /// The sidecar's inbound (mTLS) listener: intercepted inbound TCP goes here.
 pub const INBOUND_PORT: u16 = 15006;
 /// The sidecar's outbound listener: intercepted outbound TCP goes here.

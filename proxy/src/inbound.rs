@@ -51,8 +51,27 @@ pub enum Mode {
     Permissive,
 }
 
+/// How the inbound listener treats what it accepts.
+#[derive(Debug, Clone)]
+pub struct InboundOptions {
+    pub mode: Mode,
+    /// Application ports whose protocol is opaque (server-speaks-first, such as MySQL or
+    /// SMTP): no protocol detection, so the client is not kept waiting for
+    /// [`http::DETECT_WAIT`] before the server's first bytes.
+    pub opaque_ports: Vec<u16>,
+}
+
+impl InboundOptions {
+    pub fn strict() -> Self {
+        Self {
+            mode: Mode::Strict,
+            opaque_ports: Vec::new(),
+        }
+    }
+}
+
 /// The pod annotation (or namespace label) that sets the mode: `strict` or `permissive`.
-pub const MODE_ANNOTATION: &str = "fairlead.io/mode";
+pub use fairlead_netns::mesh::MODE_ANNOTATION;
 
 impl Mode {
     /// The mode for a workload: its own annotation, else its namespace's label, else
@@ -100,12 +119,12 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     dialer: Dialer,
 ) -> std::io::Result<()> {
-    serve_mode(
+    serve_with(
         listener,
         creds,
         app,
         authz,
-        Mode::Strict,
+        InboundOptions::strict(),
         on_accept,
         metrics,
         dialer,
@@ -113,14 +132,14 @@ pub async fn serve(
     .await
 }
 
-/// As [`serve`], in the given [`Mode`].
+/// As [`serve`], with the given mode and opaque ports.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_mode(
+pub async fn serve_with(
     listener: TcpListener,
     creds: Arc<CredentialStore>,
     app: AppTarget,
     authz: Authorization,
-    mode: Mode,
+    options: InboundOptions,
     on_accept: Arc<dyn Fn(&PeerId) + Send + Sync>,
     metrics: Arc<Metrics>,
     dialer: Dialer,
@@ -131,13 +150,14 @@ pub async fn serve_mode(
         let Some(permit) = crate::admin::admit(&slots, &metrics, "inbound", peer) else {
             continue;
         };
-        let (acceptor, tls, authz, on_accept, metrics, dialer) = (
+        let (acceptor, tls, authz, on_accept, metrics, dialer, options) = (
             TlsAcceptor::from(creds.server_config()),
             creds.tls(),
             authz.clone(),
             Arc::clone(&on_accept),
             Arc::clone(&metrics),
             dialer.clone(),
+            options.clone(),
         );
         tokio::spawn(async move {
             let _permit = permit;
@@ -153,7 +173,8 @@ pub async fn serve_mode(
                 },
             };
             let _ = stream.set_nodelay(true);
-            if mode == Mode::Permissive && !starts_with_tls(&stream).await {
+            let opaque = options.opaque_ports.contains(&app.port());
+            if options.mode == Mode::Permissive && !starts_with_tls(&stream).await {
                 if let Err((kind, reason)) = plaintext(stream, app, &metrics, &dialer).await {
                     metrics.inc(
                         "fairlead_proxy_inbound_refused_total",
@@ -172,6 +193,7 @@ pub async fn serve_mode(
                 &*on_accept,
                 &metrics,
                 &dialer,
+                opaque,
             )
             .await
             {
@@ -292,6 +314,7 @@ async fn handle(
     on_accept: &(dyn Fn(&PeerId) + Send + Sync),
     metrics: &Metrics,
     dialer: &Dialer,
+    opaque: bool,
 ) -> Result<PeerId, Refusal> {
     let mut tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
@@ -333,9 +356,13 @@ async fn handle(
     );
     // What the client speaks: HTTP gets the identity header, the rest passes as bytes.
     let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let (protocol, prefix) = http::detect(&mut tls_stream, alpn_h2, http::DETECT_WAIT)
-        .await
-        .map_err(|e| ("client_gone", format!("reading the first bytes: {e}")))?;
+    let (protocol, prefix) = if opaque {
+        (http::Protocol::Opaque, Vec::new())
+    } else {
+        http::detect(&mut tls_stream, alpn_h2, http::DETECT_WAIT)
+            .await
+            .map_err(|e| ("client_gone", format!("reading the first bytes: {e}")))?
+    };
     metrics.inc(
         "fairlead_proxy_inbound_protocol_total",
         label("protocol", &format!("{protocol:?}").to_lowercase()),

@@ -14,7 +14,7 @@ use clap::Parser;
 use fairlead_controller::new_key_and_csr;
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
 use fairlead_proxy::agent::{AgentCertSource, AgentClient};
-use fairlead_proxy::inbound::{self, AppTarget, Authorization, Mode};
+use fairlead_proxy::inbound::{self, AppTarget, Authorization, InboundOptions, Mode};
 use fairlead_proxy::outbound::{self, Destination, Endpoint};
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore};
 use fairlead_proxy::routes::MeshRoutes;
@@ -68,6 +68,11 @@ struct Args {
     /// migrating a workload into the mesh).
     #[arg(long, default_value = "strict")]
     mode: String,
+    /// Application ports that speak opaque TCP (server-speaks-first protocols such as MySQL
+    /// or SMTP), comma-separated: inbound connections to them skip protocol detection (the
+    /// `fairlead.io/opaque-ports` annotation).
+    #[arg(long)]
+    opaque_ports: Option<String>,
     /// Outbound listener; `none` to have none.
     #[arg(long, default_value_t = format!("[::]:{OUTBOUND_PORT}"))]
     outbound: String,
@@ -204,6 +209,11 @@ fn run(args: Args) -> Result<(), String> {
         ),
     };
     let mode: Mode = args.mode.parse()?;
+    let opaque_ports = match &args.opaque_ports {
+        Some(list) => fairlead_netns::mesh::parse_ports(list)
+            .map_err(|e| format!("--opaque-ports {list:?}: {e}"))?,
+        None => Vec::new(),
+    };
     let expected: Vec<PeerId> = args
         .outbound_expect
         .iter()
@@ -295,12 +305,15 @@ fn run(args: Args) -> Result<(), String> {
         };
         if let Some(at) = inbound_at {
             let l = bind(at).await?;
-            tasks.spawn(inbound::serve_mode(
+            tasks.spawn(inbound::serve_with(
                 l,
                 Arc::clone(&creds),
                 app,
                 authz,
-                mode,
+                InboundOptions {
+                    mode,
+                    opaque_ports: opaque_ports.clone(),
+                },
                 Arc::new(|_: &PeerId| {}),
                 Arc::clone(&metrics),
                 dialer.clone(),

@@ -135,3 +135,60 @@ async fn http2_and_grpc_style_requests_carry_the_verified_identity() {
         "spiffe://cluster.local/ns/shop/sa/cart HTTP/2.0"
     );
 }
+
+/// A server-speaks-first application (a banner on accept, like SMTP or MySQL) behind a
+/// sidecar: on a port configured opaque the banner arrives at once; elsewhere the proxy
+/// first waits for the client's bytes (protocol detection) for up to its bounded wait.
+#[tokio::test]
+async fn opaque_ports_skip_protocol_detection() {
+    use fairlead_proxy::http::DETECT_WAIT;
+    use fairlead_proxy::inbound::{InboundOptions, Mode};
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+    let banner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner_addr = banner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = banner.accept().await {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"220 ready\r\n").await;
+        }
+    });
+    let first_bytes_after = |opaque: Vec<u16>| {
+        let ca = &ca;
+        async move {
+            let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = sidecar.local_addr().unwrap();
+            tokio::spawn(inbound::serve_with(
+                sidecar,
+                CredentialStore::new(identity(ca, "db", "mysql")).unwrap(),
+                inbound::AppTarget::Fixed(banner_addr),
+                Authorization::TrustDomain,
+                InboundOptions {
+                    mode: Mode::Strict,
+                    opaque_ports: opaque,
+                },
+                Arc::new(|_| {}),
+                Metrics::new(),
+                Dialer::here(),
+            ));
+            let mut tls =
+                outbound::connect(&identity(ca, "shop", "cart"), addr, vec![], &Dialer::here())
+                    .await
+                    .unwrap();
+            let t = std::time::Instant::now();
+            let mut b = [0u8; 11];
+            tls.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"220 ready\r\n");
+            t.elapsed()
+        }
+    };
+    let opaque = first_bytes_after(vec![banner_addr.port()]).await;
+    let detected = first_bytes_after(vec![]).await;
+    assert!(
+        opaque < DETECT_WAIT / 2,
+        "opaque port: banner after {opaque:?}"
+    );
+    assert!(
+        detected >= DETECT_WAIT,
+        "detected port: banner after {detected:?}"
+    );
+}

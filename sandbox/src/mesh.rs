@@ -179,6 +179,12 @@ impl Mesh {
             .arg("--token-file")
             .arg(&token_file)
             .args(["--mode", &mode])
+            .args(
+                pod.annotations
+                    .get(fairlead_netns::mesh::OPAQUE_PORTS_ANNOTATION)
+                    .map(|p| vec!["--opaque-ports".to_owned(), p.clone()])
+                    .unwrap_or_default(),
+            )
             .env("FAIRLEAD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
