@@ -13,6 +13,14 @@ pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_IPAM_DATA_DIR: &str = "/var/lib/fairlead/ipam";
 pub const DEFAULT_SOCKET: &str = "/run/fairlead/agent.sock";
 
+/// Where the mesh CA is, for the node's sidecars.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshCaConfig {
+    pub url: String,
+    pub bundle: PathBuf,
+    pub trust_domain: String,
+}
+
 /// Everything the agent needs to run on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -50,6 +58,13 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Pod MTU. `FAIRLEAD_AGENT_MTU`; default: the underlay's MTU minus the mode's overhead.
     pub mtu: Option<u32>,
+    /// The mesh CA the node's sidecars get certificates from, through this agent
+    /// (`MESH-CERT`). `FAIRLEAD_AGENT_MESH_CA_URL` (e.g.
+    /// `https://fairlead-controller.fairlead-system.svc:9443`; unset: no mesh),
+    /// `FAIRLEAD_AGENT_MESH_CA_BUNDLE` (the mesh roots, default `/etc/fairlead/ca/ca.crt`,
+    /// the ConfigMap `fairlead-ca-bundle` the controller publishes),
+    /// `FAIRLEAD_AGENT_MESH_TRUST_DOMAIN` (default `cluster.local`).
+    pub mesh_ca: Option<MeshCaConfig>,
     /// Remove the CNI config when the agent stops. `FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN`,
     /// default `false`: on a rolling update the node keeps its config, and pods keep starting.
     pub uninstall_cni_on_shutdown: bool,
@@ -97,6 +112,7 @@ impl AgentConfig {
             mtu: None,
             uninstall_cni_on_shutdown: false,
             service_lb: None,
+            mesh_ca: None,
         }
     }
 
@@ -180,6 +196,22 @@ impl AgentConfig {
             })?),
             None => Some(std::net::SocketAddr::from(([0, 0, 0, 0], 9962))),
         };
+        if let Some(url) = get(VAR_MESH_CA_URL) {
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    VAR_MESH_CA_URL,
+                    &url,
+                    "use https://HOST:PORT (the controller's service)",
+                ));
+            }
+            config.mesh_ca = Some(MeshCaConfig {
+                url,
+                bundle: get(VAR_MESH_CA_BUNDLE)
+                    .unwrap_or_else(|| "/etc/fairlead/ca/ca.crt".into())
+                    .into(),
+                trust_domain: get(VAR_MESH_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
+            });
+        }
         if let Some(v) = get(VAR_MTU) {
             // 1280: the IPv6 minimum; pods are dual-stack.
             config.mtu = Some(parse_num::<u32>(VAR_MTU, &v, 1280, 65535)?);
@@ -248,6 +280,9 @@ const VAR_IPAM_DATA_DIR: &str = "FAIRLEAD_AGENT_IPAM_DATA_DIR";
 const VAR_SOCKET: &str = "FAIRLEAD_AGENT_SOCKET";
 const VAR_METRICS_LISTEN: &str = "FAIRLEAD_AGENT_METRICS_LISTEN";
 const VAR_MTU: &str = "FAIRLEAD_AGENT_MTU";
+const VAR_MESH_CA_URL: &str = "FAIRLEAD_AGENT_MESH_CA_URL";
+const VAR_MESH_CA_BUNDLE: &str = "FAIRLEAD_AGENT_MESH_CA_BUNDLE";
+const VAR_MESH_TRUST_DOMAIN: &str = "FAIRLEAD_AGENT_MESH_TRUST_DOMAIN";
 const VAR_UNINSTALL_CNI_ON_SHUTDOWN: &str = "FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN";
 const VAR_SERVICE_LB: &str = "FAIRLEAD_AGENT_SERVICE_LB";
 const VAR_LB_INSTANCE: &str = "FAIRLEAD_AGENT_LB_INSTANCE";

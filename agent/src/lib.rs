@@ -170,6 +170,8 @@ impl Agent {
         if let Some(dp) = &datapath {
             server = server.with_datapath(dp.clone());
         }
+        // From the configuration (the controller's CA) unless the caller brought its own.
+        let mesh = mesh.or_else(|| config.mesh_ca.as_ref().map(mesh::MeshSettings::from_config));
         if let Some(m) = mesh {
             server = server.with_mesh(mesh::MeshService {
                 issuer: m.issuer,

@@ -27,6 +27,55 @@ pub trait MeshIssuer: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>>;
 }
 
+/// The controller's CA over HTTPS (`POST /v1/certificates`).
+pub struct ControllerIssuer(pub fairlead_controller::api::CaClient);
+
+impl MeshIssuer for ControllerIssuer {
+    fn issue<'a>(
+        &'a self,
+        request: &'a CertRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
+        Box::pin(self.0.issue(request))
+    }
+}
+
+/// A CA the agent could not set up: every request gets the reason (the node's networking
+/// is not held hostage by a mesh misconfiguration).
+struct Unavailable(String);
+
+impl MeshIssuer for Unavailable {
+    fn issue<'a>(
+        &'a self,
+        _: &'a CertRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
+        let reason = self.0.clone();
+        Box::pin(async move { Err(reason) })
+    }
+}
+
+impl MeshSettings {
+    /// From the agent's configuration: the controller's CA at `url`, trusted through the
+    /// bundle file. A bundle that cannot be read is logged and answered on every request.
+    pub fn from_config(c: &crate::config::MeshCaConfig) -> Self {
+        let issuer: Arc<dyn MeshIssuer> = match std::fs::read_to_string(&c.bundle)
+            .map_err(|e| format!("reading the mesh CA bundle {}: {e}", c.bundle.display()))
+            .and_then(|pem| fairlead_controller::api::CaClient::new(&c.url, &pem))
+        {
+            Ok(client) => Arc::new(ControllerIssuer(client)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the mesh CA is not usable; sidecars get no certificates");
+                Arc::new(Unavailable(format!(
+                    "the agent's mesh CA is not configured right: {e}"
+                )))
+            }
+        };
+        Self {
+            issuer,
+            trust_domain: c.trust_domain.clone(),
+        }
+    }
+}
+
 /// What the agent needs to serve its node's sidecars.
 #[derive(Clone)]
 pub struct MeshSettings {

@@ -149,6 +149,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot reach the API server: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
             let cluster = fairlead_core::watch::spawn(client)?;
             let rx = cluster.subscribe();
+            // With FAIRLEAD_AGENT_MESH_CA_URL set, the agent also serves its node's sidecars
+            // (certificates from the controller's CA, routes from the snapshot).
             fairlead_agent::Agent::run(config, rx, async {
                 let _ = sandbox::wait_for_signal().await;
             })

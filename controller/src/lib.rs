@@ -4,6 +4,7 @@
 //! and the sidecar-injection admission webhook ([`webhook`], served over HTTPS by
 //! [`server`]). CRD status comes with the rest of the mesh.
 
+pub mod api;
 pub mod ca;
 pub mod issuer;
 pub mod server;

@@ -107,17 +107,22 @@ async fn run(args: Args) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("no Kubernetes API server (in-cluster config or KUBECONFIG): {e}"))?;
-    let issuer = CertIssuer::load_or_create(
-        client.clone(),
-        IssuerConfig {
-            trust_domain: args.trust_domain.clone(),
-            namespace: args.ca_namespace.clone(),
-            secret: args.ca_secret.clone(),
-            ..IssuerConfig::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("the mesh CA: {e}"))?;
+    let issuer = Arc::new(
+        CertIssuer::load_or_create(
+            client.clone(),
+            IssuerConfig {
+                trust_domain: args.trust_domain.clone(),
+                namespace: args.ca_namespace.clone(),
+                secret: args.ca_secret.clone(),
+                ..IssuerConfig::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("the mesh CA: {e}"))?,
+    );
+    // The roots, for the node agents (their client of this CA) and anyone who verifies mesh
+    // certificates: not secret, unlike the CA's Secret.
+    publish_bundle(&client, &args.ca_namespace, &issuer.bundle()).await?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             if args.webhook_config.is_some() {
@@ -141,7 +146,7 @@ async fn run(args: Args) -> Result<(), String> {
             }
             let cert = ServingCert::from_pem(&leaf.chain_pem, &key).map_err(|e| e.to_string())?;
             tokio::spawn(renew(
-                Arc::new(issuer),
+                Arc::clone(&issuer),
                 Arc::clone(&cert),
                 args.dns_name.clone(),
                 ttl,
@@ -158,7 +163,7 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;
-    server::serve(
+    server::serve_with_ca(
         listener,
         tls,
         Arc::new(inject),
@@ -166,6 +171,7 @@ async fn run(args: Args) -> Result<(), String> {
             max_body: args.max_body,
             read_timeout: Duration::from_secs(args.read_timeout_secs),
         },
+        Some(issuer),
     )
     .await;
     Ok(())
@@ -192,6 +198,42 @@ async fn renew(issuer: Arc<CertIssuer>, cert: Arc<ServingCert>, names: Vec<Strin
             }
         };
     }
+}
+
+/// The ConfigMap the mesh's trust bundle is published in (`ca.crt`).
+pub const BUNDLE_CONFIGMAP: &str = "fairlead-ca-bundle";
+
+/// Creates or updates the ConfigMap [`BUNDLE_CONFIGMAP`] in `namespace` with `bundle`.
+async fn publish_bundle(
+    client: &kube::Client,
+    namespace: &str,
+    bundle: &str,
+) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(BUNDLE_CONFIGMAP.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some([("ca.crt".to_owned(), bundle.to_owned())].into()),
+        ..Default::default()
+    };
+    let result = match api.get_opt(BUNDLE_CONFIGMAP).await {
+        Ok(Some(old)) => {
+            cm.metadata.resource_version = old.metadata.resource_version;
+            api.replace(BUNDLE_CONFIGMAP, &PostParams::default(), &cm)
+                .await
+        }
+        Ok(None) => api.create(&PostParams::default(), &cm).await,
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| {
+        format!("publishing the trust bundle in {namespace}/{BUNDLE_CONFIGMAP}: {e}")
+    })?;
+    tracing::info!(configmap = %format!("{namespace}/{BUNDLE_CONFIGMAP}"), "trust bundle published");
+    Ok(())
 }
 
 /// Writes `bundle` as every webhook's `caBundle` in the MutatingWebhookConfiguration `name`.

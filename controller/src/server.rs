@@ -220,6 +220,18 @@ pub async fn serve(
     inject: Arc<InjectConfig>,
     limits: Limits,
 ) {
+    serve_with_ca(listener, tls, inject, limits, None).await
+}
+
+/// As [`serve`], also answering node agents' certificate requests
+/// (`POST /v1/certificates`, [`crate::api`]) with `issuer`.
+pub async fn serve_with_ca(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    inject: Arc<InjectConfig>,
+    limits: Limits,
+    issuer: Option<Arc<crate::CertIssuer>>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     if let Ok(at) = listener.local_addr() {
         info!(%at, path = MUTATE_PODS_PATH, "sidecar-injection webhook serving");
@@ -234,9 +246,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, inject, limits) = (acceptor.clone(), Arc::clone(&inject), limits);
+        let (acceptor, inject, limits, issuer) = (
+            acceptor.clone(),
+            Arc::clone(&inject),
+            limits,
+            issuer.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = connection(tcp, peer, acceptor, inject, limits).await {
+            if let Err(e) = connection(tcp, peer, acceptor, inject, limits, issuer).await {
                 debug!(%peer, error = %e, "webhook connection ended");
             }
         });
@@ -249,14 +266,15 @@ async fn connection(
     acceptor: TlsAcceptor,
     inject: Arc<InjectConfig>,
     limits: Limits,
+    issuer: Option<Arc<crate::CertIssuer>>,
 ) -> Result<(), String> {
     let tls = tokio::time::timeout(limits.read_timeout, acceptor.accept(tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
     let service = hyper::service::service_fn(move |req| {
-        let (inject, limits) = (Arc::clone(&inject), limits);
-        async move { Ok::<_, Infallible>(handle(req, &inject, &limits, peer).await) }
+        let (inject, limits, issuer) = (Arc::clone(&inject), limits, issuer.clone());
+        async move { Ok::<_, Infallible>(handle(req, &inject, &limits, peer, issuer.as_deref()).await) }
     });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -282,10 +300,12 @@ async fn handle(
     inject: &InjectConfig,
     limits: &Limits,
     peer: SocketAddr,
+    issuer: Option<&crate::CertIssuer>,
 ) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+    let certificates = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
-        (&Method::POST, MUTATE_PODS_PATH) => {}
+        (&Method::POST, MUTATE_PODS_PATH) => false,
+        (&Method::POST, crate::api::CERTIFICATES_PATH) if issuer.is_some() => true,
         (_, MUTATE_PODS_PATH) => {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -298,7 +318,7 @@ async fn handle(
                 format!("no {path:?} here: try POST {MUTATE_PODS_PATH} or GET /healthz\n"),
             )
         }
-    }
+    };
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -325,6 +345,23 @@ async fn handle(
         Ok(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("reading the body: {e}\n")),
         Ok(Ok(c)) => c.to_bytes(),
     };
+    if let (true, Some(issuer)) = (certificates, issuer) {
+        let (status, body) = crate::api::answer(issuer, &bytes).await;
+        if status != 200 {
+            warn!(%peer, %status, reason = %body.trim(), "certificate request refused");
+        }
+        let mut r = text(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        );
+        if status == 200 {
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        return r;
+    }
     match webhook::review(&bytes, inject) {
         Ok(review) => {
             if let Some(r) = &review.response {

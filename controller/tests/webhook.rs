@@ -665,6 +665,14 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
     }))?;
     let dir = std::env::temp_dir().join(format!("fairlead-controller-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    // Removed also when an assertion below fails.
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir.clone());
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig())?;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -680,7 +688,7 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
     );
     let hooks: kube::Api<
         k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
-    > = kube::Api::all(client);
+    > = kube::Api::all(client.clone());
     let mut bundle = None;
     for _ in 0..200 {
         let config = hooks.get("fairlead-sidecar-injector").await?;
@@ -695,6 +703,14 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let bundle = bundle.expect("the controller wrote caBundle within 20 s");
+    // The trust bundle is published for the node agents too.
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client, "fairlead-system");
+    let published = cms.get("fairlead-ca-bundle").await?;
+    assert_eq!(
+        published.data.unwrap_or_default().get("ca.crt"),
+        Some(&bundle)
+    );
     let hook = Webhook {
         addr,
         connector: connector(&bundle)?,
@@ -716,7 +732,6 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
         ["fairlead-proxy", "migrate"]
     );
     assert_sidecar(&patched["spec"]["initContainers"][0]);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

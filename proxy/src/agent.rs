@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -14,24 +13,8 @@ use tokio::sync::watch;
 use crate::rotation::{CertSource, Fetched};
 use crate::routes::MeshRoutes;
 
-/// `MESH-CERT <json>`: what a proxy sends for a certificate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CertRequest {
-    pub namespace: String,
-    pub service_account: String,
-    /// The proxy's ServiceAccount token (a projected token file).
-    pub token: String,
-    /// PEM CSR of the proxy's own key.
-    pub csr: String,
-}
-
-/// The answer: PEM chain (leaf first) and the trust bundle.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CertReply {
-    pub chain: String,
-    pub bundle: String,
-}
+/// `MESH-CERT <json>` carries the mesh CA API's request; the answer line is its reply.
+pub use fairlead_controller::api::{CertReply, CertRequest};
 
 /// Longest line read from the agent (a routing table of a large cluster fits).
 const MAX_LINE: u64 = 64 * 1024 * 1024;

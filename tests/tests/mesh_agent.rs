@@ -1,21 +1,24 @@
-//! The sidecar's production path through its node agent: the `fairlead-proxy` binary gets
-//! its certificate over the agent's socket (`MESH-CERT`: its own key's CSR and its
-//! ServiceAccount token, checked by the mesh CA behind the agent) and serves mTLS with it; a
-//! bad token gets no certificate and a log line that says why; the agent streams the mesh's
-//! routing table (`MESH-ROUTES follow`) and each change.
+//! The sidecar's production path through its node agent to the controller: the
+//! `fairlead-proxy` binary gets its certificate over the agent's socket (`MESH-CERT`: its
+//! own key's CSR and its ServiceAccount token), the agent forwards it over HTTPS to the
+//! controller's CA API (configured as `fairlead agent` is: URL and bundle file), which
+//! checks the token with TokenReview on the API server; the proxy then serves with it.
+//! Another account's token gets no certificate and a log line that says why; the agent
+//! streams the mesh's routing table (`MESH-ROUTES follow`) and each change.
 
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fairlead_agent::mesh::{CertReply, CertRequest, MeshIssuer, MeshService};
+use fairlead_agent::config::MeshCaConfig;
+use fairlead_agent::mesh::{MeshService, MeshSettings};
 use fairlead_agent::status::StatusServer;
 use fairlead_agent::Readiness;
-use fairlead_controller::{Ca, SpiffeId};
+use fairlead_controller::server::{self, Limits, ServingCert};
+use fairlead_controller::webhook::InjectConfig;
+use fairlead_controller::{CertIssuer, IssuerConfig};
 use fairlead_core::{EndpointSlice, Pod, Service, Snapshot};
 use fairlead_proxy::routes::MeshRoutes;
 use serde_json::json;
@@ -24,29 +27,60 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 mod common;
 use common::proxy_binary;
 
-/// The mesh CA behind the agent: a token `token-<ns>-<sa>` proves that identity.
-struct FakeCa(Ca);
-
-impl MeshIssuer for FakeCa {
-    fn issue<'a>(
-        &'a self,
-        r: &'a CertRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
-        Box::pin(async move {
-            if r.token != format!("token-{}-{}", r.namespace, r.service_account) {
-                return Err("TokenReview: the token is not valid for this identity".into());
-            }
-            let id = SpiffeId::new(self.0.trust_domain(), &r.namespace, &r.service_account);
-            let leaf = self
-                .0
-                .issue(&r.csr, &id, Duration::from_secs(3600))
-                .map_err(|e| e.to_string())?;
-            Ok(CertReply {
-                chain: leaf.chain_pem,
-                bundle: self.0.cert_pem().to_owned(),
-            })
-        })
+/// The real chain behind the agent: the controller's CA API over HTTPS (its serving
+/// certificate from the mesh CA, for `localhost`), checking tokens with TokenReview on the
+/// embedded API server. Returns the API server (for tokens), the agent's mesh settings
+/// (built from configuration, as `fairlead agent` builds them) and the server task.
+async fn controller_ca(
+    dir: &std::path::Path,
+) -> (
+    fairlead_apiserver::ApiServer,
+    MeshSettings,
+    tokio::task::JoinHandle<()>,
+) {
+    let api = fairlead_apiserver::ApiServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        fairlead_apiserver::ServerConfig::default(),
+    )
+    .await
+    .unwrap();
+    for obj in [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cart", "namespace": "shop"}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "admin", "namespace": "shop"}}),
+    ] {
+        api.create(obj).unwrap();
     }
+    let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
+    let issuer = Arc::new(
+        CertIssuer::load_or_create(client, IssuerConfig::default())
+            .await
+            .unwrap(),
+    );
+    let (leaf, key) = issuer
+        .issue_serving(&["localhost".to_owned()], Duration::from_secs(3600))
+        .unwrap();
+    let tls = ServingCert::from_pem(&leaf.chain_pem, &key)
+        .unwrap()
+        .tls_config()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(server::serve_with_ca(
+        listener,
+        tls,
+        Arc::new(InjectConfig::default()),
+        Limits::default(),
+        Some(Arc::clone(&issuer)),
+    ));
+    let bundle = dir.join("ca.crt");
+    std::fs::write(&bundle, issuer.bundle()).unwrap();
+    let settings = MeshSettings::from_config(&MeshCaConfig {
+        url: format!("https://localhost:{port}"),
+        bundle,
+        trust_domain: "cluster.local".into(),
+    });
+    (api, settings, task)
 }
 
 fn snapshot(with_pod: bool) -> Snapshot {
@@ -109,15 +143,15 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
     let dir = std::env::temp_dir().join(format!("fairlead-mesh-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("agent.sock");
-    let ca = Ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+    let (api, settings, ca_task) = controller_ca(&dir).await;
     let (snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snapshot(true)));
     let (_ready_tx, ready_rx) = tokio::sync::watch::channel(Readiness::Ready);
     let server = StatusServer::bind(&socket, ready_rx)
         .unwrap()
         .with_mesh(MeshService {
-            issuer: Arc::new(FakeCa(ca)),
+            issuer: settings.issuer,
             snapshots: snap_rx,
-            trust_domain: "cluster.local".into(),
+            trust_domain: settings.trust_domain,
         });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(server.serve(async move {
@@ -147,7 +181,10 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
     };
 
     // A good token: a certificate for spiffe://cluster.local/ns/shop/sa/cart, ready.
-    let (_good, admin, _) = run_proxy("token-shop-cart", "good");
+    let good_token = api
+        .issue_token("shop", "cart", &["fairlead"], Duration::from_secs(600))
+        .unwrap();
+    let (_good, admin, _) = run_proxy(&good_token, "good");
     let deadline = Instant::now() + Duration::from_secs(10);
     let ready = loop {
         match admin_get(admin, "/ready") {
@@ -162,12 +199,15 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
     );
 
     // Another account's token: refused by the CA, said in the log, never ready.
-    let (_bad, admin_bad, log_bad) = run_proxy("token-shop-admin", "bad");
+    let admin_token = api
+        .issue_token("shop", "admin", &["fairlead"], Duration::from_secs(600))
+        .unwrap();
+    let (_bad, admin_bad, log_bad) = run_proxy(&admin_token, "bad");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(admin_get(admin_bad, "/ready").is_none());
     let log = std::fs::read_to_string(&log_bad).unwrap();
     assert!(
-        log.contains("the mesh CA refused shop/cart") && log.contains("TokenReview"),
+        log.contains("the mesh CA refused shop/cart") && log.contains("may not take the identity"),
         "{log}"
     );
 
@@ -208,5 +248,6 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
 
     let _ = stop_tx.send(());
     let _ = served.await;
+    ca_task.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
