@@ -1,15 +1,19 @@
 //! The record index: every cluster name, with its pre-encoded records, in one hash map keyed by
-//! the lowercased wire-form name. Updated from `Snapshot::diff`: only the owners (Services with
-//! their EndpointSlices, Pods) that changed are regenerated.
+//! the lowercased wire-form name, and the compact cluster state the records are made from
+//! ([`crate::model`]). Updated per changed object: only the Services whose object or
+//! EndpointSlices changed are regenerated. Pod names are not stored: they are answered from
+//! the query name ([`PodMode`]).
 
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use fairlead_core::{IpNet, ObjectKey, Snapshot};
 
+use crate::model::{DnsPod, DnsService, DnsSlice, Namespaces, PodMode};
 use crate::name;
 use crate::records::{self, Rec, Zone};
 use crate::wire::{Rcode, TYPE_ANY, TYPE_CNAME, TYPE_SOA};
@@ -23,13 +27,64 @@ struct OwnerId(u64);
 
 const STATIC_OWNER: OwnerId = OwnerId(0);
 
-fn owner_id(kind: u8, key: &ObjectKey) -> OwnerId {
-    // SipHash with fixed keys: stable for the life of the process, collisions negligible at
-    // 64 bits (a collision could only matter between two owners of the same name).
+/// SipHash with fixed keys: stable for the life of the process, collisions negligible at 64
+/// bits (for owners, a collision could only matter between two owners of the same name).
+fn hash64(v: impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
-    kind.hash(&mut h);
-    key.hash(&mut h);
-    OwnerId(h.finish() | 1)
+    v.hash(&mut h);
+    h.finish()
+}
+
+fn owner_id(key: &SvcKey) -> OwnerId {
+    OwnerId(hash64(key) | 1)
+}
+
+/// A pod's identity in `verified` mode: a hash of its namespace and name, so the names are not
+/// kept.
+pub(crate) fn pod_id(key: &ObjectKey) -> u64 {
+    hash64(key)
+}
+
+/// A Service (or a slice) by interned namespace and name.
+type SvcKey = (u32, Box<str>);
+
+/// One Service's DNS state: the Service (once seen) and the slices that name it.
+#[derive(Default)]
+struct SvcEntry {
+    svc: Option<DnsService>,
+    slices: Vec<(Box<str>, DnsSlice)>,
+}
+
+/// `verified` pod mode: which (namespace, address) pairs have a pod, and how many.
+#[derive(Default)]
+struct Pods {
+    by_id: HashMap<u64, (u32, Box<[IpAddr]>)>,
+    pairs: HashMap<(u32, IpAddr), u32>,
+    per_namespace: HashMap<u32, u32>,
+}
+
+impl Pods {
+    fn count(&mut self, ns: u32, ips: &[IpAddr], up: bool) {
+        let step = |n: &mut u32| *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        step(self.per_namespace.entry(ns).or_default());
+        for ip in ips {
+            step(self.pairs.entry((ns, *ip)).or_default());
+            if self.pairs.get(&(ns, *ip)) == Some(&0) {
+                self.pairs.remove(&(ns, *ip));
+            }
+        }
+        if self.per_namespace.get(&ns) == Some(&0) {
+            self.per_namespace.remove(&ns);
+        }
+    }
+}
+
+/// One object's new state (`None`: gone, or makes no records).
+pub(crate) enum Change {
+    Service(ObjectKey, Option<DnsService>),
+    Slice(ObjectKey, Option<DnsSlice>),
+    /// By [`pod_id`]; only counted in `verified` mode.
+    Pod(u64, Option<DnsPod>),
 }
 
 struct Stored {
@@ -83,6 +138,8 @@ pub struct IndexConfig {
     /// Address ranges whose reverse names this server owns: an unknown address there is
     /// NXDOMAIN here instead of a query leaking upstream.
     pub reverse_cidrs: Vec<IpNet>,
+    /// How `a-b-c-d.<ns>.pod.<zone>` is answered.
+    pub pods: PodMode,
 }
 
 pub struct Index {
@@ -92,13 +149,24 @@ pub struct Index {
     soa_zone: Vec<u8>,
     soa_in_addr: Vec<u8>,
     soa_ip6: Vec<u8>,
-    applied: Arc<Snapshot>,
+    /// `pod.<zone>`.
+    pod_apex: Vec<u8>,
+    pod_mode: PodMode,
+    namespaces: Namespaces,
+    services: HashMap<SvcKey, SvcEntry>,
+    /// Which Service each slice names, so a slice that moves or goes is taken from it.
+    slice_owner: HashMap<SvcKey, Box<str>>,
+    pods: Pods,
+    generation: u64,
+    /// The snapshot applied last, when fed snapshots ([`Index::apply`]).
+    applied: Option<Arc<Snapshot>>,
 }
 
 impl Index {
     /// An index with only the static records. `None` if the zone is not a valid DNS name.
     pub fn new(config: &IndexConfig) -> Option<Self> {
         let apex = name::encode(&config.zone)?;
+        let apex_copy = apex.clone();
         let zone = Zone {
             apex,
             ttl: config.ttl,
@@ -111,16 +179,24 @@ impl Index {
             zone,
             reverse_cidrs: config.reverse_cidrs.clone(),
             names: HashMap::new(),
-            applied: Arc::new(Snapshot::empty()),
+            pod_apex: name::prepend("pod", &apex_copy)?,
+            pod_mode: config.pods,
+            namespaces: Namespaces::default(),
+            services: HashMap::new(),
+            slice_owner: HashMap::new(),
+            pods: Pods::default(),
+            generation: 0,
+            applied: None,
         };
         let statics = index.zone.static_records();
         index.add(STATIC_OWNER, statics);
         Some(index)
     }
 
-    /// The snapshot the index reflects.
-    pub fn applied(&self) -> &Arc<Snapshot> {
-        &self.applied
+    /// Generation of what the index reflects: the snapshot's, when fed snapshots; otherwise
+    /// the number of updates applied.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of names held (including empty non-terminals).
@@ -133,53 +209,174 @@ impl Index {
     }
 
     /// Brings the index to `snap`, regenerating only the Services (with their EndpointSlices)
-    /// and Pods that differ from the snapshot applied before.
+    /// and, in `verified` pod mode, the Pods that differ from the snapshot applied before.
     pub fn apply(&mut self, snap: Arc<Snapshot>) -> UpdateStats {
-        let old = std::mem::replace(&mut self.applied, Arc::clone(&snap));
+        let old = self
+            .applied
+            .replace(Arc::clone(&snap))
+            .unwrap_or_else(|| Arc::new(Snapshot::empty()));
         let diff = Snapshot::diff(&old, &snap);
-        let mut services: BTreeSet<ObjectKey> = BTreeSet::new();
-        let d = &diff.services;
-        services.extend(d.added.iter().chain(&d.updated).chain(&d.removed).cloned());
-        let slices = &diff.endpoint_slices;
-        for key in slices
-            .added
-            .iter()
-            .chain(&slices.updated)
-            .chain(&slices.removed)
-        {
-            for s in [&old, &snap] {
-                if let Some(svc) = s
-                    .endpoint_slices()
-                    .get_key(key)
-                    .and_then(|s| s.service_key())
-                {
-                    services.insert(svc);
+        let all = |d: &fairlead_core::KindDiff| -> Vec<ObjectKey> {
+            d.added
+                .iter()
+                .chain(&d.updated)
+                .chain(&d.removed)
+                .cloned()
+                .collect()
+        };
+        let mut changes = Vec::new();
+        for key in all(&diff.services) {
+            let svc = snap
+                .services()
+                .get_key(&key)
+                .map(|s| DnsService::from(&**s));
+            changes.push(Change::Service(key, svc));
+        }
+        for key in all(&diff.endpoint_slices) {
+            let slice = snap
+                .endpoint_slices()
+                .get_key(&key)
+                .and_then(|s| DnsSlice::from_core(s));
+            changes.push(Change::Slice(key, slice));
+        }
+        if self.pod_mode == PodMode::Verified {
+            for key in all(&diff.pods) {
+                let pod = snap.pods().get_key(&key).and_then(|p| DnsPod::from_core(p));
+                changes.push(Change::Pod(pod_id(&key), pod));
+            }
+        }
+        let stats = self.update(changes);
+        self.generation = snap.generation;
+        stats
+    }
+
+    /// The pod mode this index answers with.
+    pub(crate) fn pod_mode(&self) -> PodMode {
+        self.pod_mode
+    }
+
+    fn svc_key(&mut self, ns: &str, name: &str) -> SvcKey {
+        (self.namespaces.intern(ns), name.into())
+    }
+
+    fn records_of(&self, key: &SvcKey) -> Vec<Rec> {
+        match self.services.get(key) {
+            Some(SvcEntry {
+                svc: Some(svc),
+                slices,
+            }) => self.zone.service_records(
+                self.namespaces.name(key.0),
+                &key.1,
+                svc,
+                slices.iter().map(|(_, s)| s),
+            ),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Applies changed objects; each affected Service's records are regenerated once.
+    pub(crate) fn update(&mut self, changes: impl IntoIterator<Item = Change>) -> UpdateStats {
+        let mut stats = UpdateStats::default();
+        // The records each touched Service had before, taken at its first change.
+        let mut before: HashMap<SvcKey, Vec<Rec>> = HashMap::new();
+        let mut touch = |index: &Index, key: &SvcKey| {
+            if !before.contains_key(key) {
+                before.insert(key.clone(), index.records_of(key));
+            }
+        };
+        for change in changes {
+            match change {
+                Change::Service(key, svc) => {
+                    let k = self.svc_key(&key.namespace, &key.name);
+                    touch(self, &k);
+                    self.services.entry(k.clone()).or_default().svc = svc;
+                    self.prune(&k);
+                }
+                Change::Slice(key, slice) => {
+                    let sk = self.svc_key(&key.namespace, &key.name);
+                    if let Some(owner) = self.slice_owner.remove(&sk) {
+                        let k = (sk.0, owner);
+                        touch(self, &k);
+                        if let Some(e) = self.services.get_mut(&k) {
+                            e.slices.retain(|(n, _)| *n != sk.1);
+                        }
+                        self.prune(&k);
+                    }
+                    if let Some(slice) = slice {
+                        let k = (sk.0, slice.service.clone());
+                        touch(self, &k);
+                        self.slice_owner.insert(sk.clone(), slice.service.clone());
+                        self.services
+                            .entry(k)
+                            .or_default()
+                            .slices
+                            .push((sk.1, slice));
+                    }
+                }
+                Change::Pod(id, pod) => {
+                    if self.pod_mode != PodMode::Verified {
+                        continue;
+                    }
+                    if let Some((ns, ips)) = self.pods.by_id.remove(&id) {
+                        self.pods.count(ns, &ips, false);
+                    }
+                    if let Some(pod) = pod {
+                        let ns = self.namespaces.intern(&pod.namespace);
+                        self.pods.count(ns, &pod.ips, true);
+                        self.pods.by_id.insert(id, (ns, pod.ips));
+                    }
+                    stats.pods_rebuilt += 1;
                 }
             }
         }
-        let mut stats = UpdateStats::default();
-        for key in &services {
-            let id = owner_id(b's', key);
-            if let Some(svc) = old.services().get_key(key) {
-                stats.records_removed += self.remove(id, self.zone.service_records(&old, svc));
-            }
-            if let Some(svc) = snap.services().get_key(key) {
-                stats.records_added += self.add(id, self.zone.service_records(&snap, svc));
-            }
+        for (key, old) in before {
+            let id = owner_id(&key);
+            stats.records_removed += self.remove(id, old);
+            let new = self.records_of(&key);
+            stats.records_added += self.add(id, new);
             stats.services_rebuilt += 1;
         }
-        let pods = &diff.pods;
-        for key in pods.added.iter().chain(&pods.updated).chain(&pods.removed) {
-            let id = owner_id(b'p', key);
-            if let Some(pod) = old.pods().get_key(key) {
-                stats.records_removed += self.remove(id, self.zone.pod_records(pod));
-            }
-            if let Some(pod) = snap.pods().get_key(key) {
-                stats.records_added += self.add(id, self.zone.pod_records(pod));
-            }
-            stats.pods_rebuilt += 1;
-        }
+        self.generation += 1;
         stats
+    }
+
+    fn prune(&mut self, key: &SvcKey) {
+        if self
+            .services
+            .get(key)
+            .is_some_and(|e| e.svc.is_none() && e.slices.is_empty())
+        {
+            self.services.remove(key);
+        }
+    }
+
+    /// Services held whose key is not in `seen` (after a relist: they are gone).
+    pub(crate) fn stale_services(&self, seen: &HashSet<ObjectKey>) -> Vec<ObjectKey> {
+        self.services
+            .iter()
+            .filter(|(_, e)| e.svc.is_some())
+            .map(|(k, _)| ObjectKey::new(self.namespaces.name(k.0), &*k.1))
+            .filter(|k| !seen.contains(k))
+            .collect()
+    }
+
+    /// EndpointSlices held whose key is not in `seen`.
+    pub(crate) fn stale_slices(&self, seen: &HashSet<ObjectKey>) -> Vec<ObjectKey> {
+        self.slice_owner
+            .keys()
+            .map(|k| ObjectKey::new(self.namespaces.name(k.0), &*k.1))
+            .filter(|k| !seen.contains(k))
+            .collect()
+    }
+
+    /// Pods held whose id is not in `seen`.
+    pub(crate) fn stale_pods(&self, seen: &HashSet<u64>) -> Vec<u64> {
+        self.pods
+            .by_id
+            .keys()
+            .filter(|id| !seen.contains(id))
+            .copied()
+            .collect()
     }
 
     /// The authority root a name's empty non-terminals are counted up to.
@@ -285,6 +482,9 @@ impl Index {
 
     /// Answers `qname` (lowercased wire form) and `qtype` from the index.
     pub(crate) fn lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
+        if qname.ends_with(&self.pod_apex) && name::is_within(qname, &self.pod_apex) {
+            return self.pod_lookup(qname, qtype);
+        }
         let Some(node) = self.names.get(qname) else {
             if self.is_authoritative(qname) {
                 return Lookup::Answer {
@@ -329,5 +529,54 @@ impl Index {
             authority,
             chase,
         }
+    }
+
+    /// A name under `pod.<zone>`: `<a-b-c-d>.<ns>.pod.<zone>` (or the IPv6 address with
+    /// dashes), as CoreDNS's `pods` option answers it.
+    fn pod_lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
+        let labels = name::labels_above(qname, &self.pod_apex);
+        let exists = match (self.pod_mode, labels.as_slice()) {
+            (PodMode::Disabled, _) => None,
+            (PodMode::Insecure, [] | [_]) => Some(None),
+            (PodMode::Verified, []) => (!self.pods.per_namespace.is_empty()).then_some(None),
+            (PodMode::Verified, [ns]) => self
+                .pod_namespace(ns)
+                .filter(|id| self.pods.per_namespace.contains_key(id))
+                .map(|_| None),
+            (mode, [leaf, ns]) => name::parse_dashed(leaf)
+                .filter(|ip| {
+                    mode == PodMode::Insecure
+                        || self
+                            .pod_namespace(ns)
+                            .is_some_and(|id| self.pods.pairs.contains_key(&(id, *ip)))
+                })
+                .map(Some),
+            _ => None,
+        };
+        let Some(ip) = exists else {
+            return Lookup::Answer {
+                rcode: Rcode::NxDomain,
+                answers: Vec::new(),
+                authority: Some(&self.soa_zone),
+                chase: None,
+            };
+        };
+        let answers: Vec<Cow<'_, [u8]>> = ip
+            .map(|ip| records::address(&ip))
+            .filter(|(t, _)| *t == qtype || qtype == TYPE_ANY)
+            .map(|(t, rd)| Cow::Owned(records::encode_rr(t, self.zone.ttl, &rd)))
+            .into_iter()
+            .collect();
+        let authority = answers.is_empty().then_some(self.soa_zone.as_slice());
+        Lookup::Answer {
+            rcode: Rcode::NoError,
+            answers,
+            authority,
+            chase: None,
+        }
+    }
+
+    fn pod_namespace(&self, label: &[u8]) -> Option<u32> {
+        self.namespaces.get(std::str::from_utf8(label).ok()?)
     }
 }
