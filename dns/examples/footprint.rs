@@ -26,7 +26,20 @@ fn rss_kib() -> u64 {
 }
 
 fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{:.1} MiB (anonymous {}, file {})",
+        kib as f64 / 1024.0,
+        field("RssAnon:"),
+        field("RssFile:")
+    )
 }
 
 fn main() {

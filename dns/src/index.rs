@@ -16,14 +16,11 @@ use fairlead_core::{IpNet, ObjectKey, Snapshot};
 use crate::model::{DnsPod, DnsService, DnsSlice, Namespaces, PodMode};
 use crate::name;
 use crate::records::{self, Rec, Zone};
+use crate::table::{Node, Owned, OwnerId, Packed, Table};
 use crate::wire::{Rcode, TYPE_ANY, TYPE_CNAME, TYPE_SOA};
 
 const IN_ADDR_ARPA: &[u8] = b"\x07in-addr\x04arpa\x00";
 const IP6_ARPA: &[u8] = b"\x03ip6\x04arpa\x00";
-
-/// Who contributed a record, so an update removes exactly what that object added before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct OwnerId(u64);
 
 const STATIC_OWNER: OwnerId = OwnerId(0);
 
@@ -48,11 +45,19 @@ pub(crate) fn pod_id(key: &ObjectKey) -> u64 {
 /// A Service (or a slice) by interned namespace and name.
 type SvcKey = (u32, Box<str>);
 
-/// One Service's DNS state: the Service (once seen) and the slices that name it.
-#[derive(Default)]
-struct SvcEntry {
-    svc: Option<DnsService>,
-    slices: Vec<(Box<str>, DnsSlice)>,
+/// A Service's key in [`Index::services`]: the namespace id, then the name.
+fn packed_key(key: &SvcKey) -> Vec<u8> {
+    let mut out = key.0.to_le_bytes().to_vec();
+    out.extend_from_slice(key.1.as_bytes());
+    out
+}
+
+fn unpacked_key(bytes: &[u8]) -> SvcKey {
+    let (ns, name) = bytes.split_at(4);
+    (
+        u32::from_le_bytes([ns[0], ns[1], ns[2], ns[3]]),
+        String::from_utf8_lossy(name).into(),
+    )
 }
 
 /// `verified` pod mode: which (namespace, address) pairs have a pod, and how many.
@@ -85,23 +90,6 @@ pub(crate) enum Change {
     Slice(ObjectKey, Option<DnsSlice>),
     /// By [`pod_id`]; only counted in `verified` mode.
     Pod(u64, Option<DnsPod>),
-}
-
-struct Stored {
-    owner: OwnerId,
-    rtype: u16,
-    /// The same record is already served from another owner (two headless Services over one
-    /// pod give the same PTR); kept for bookkeeping, not answered twice.
-    dup: bool,
-    rr: Box<[u8]>,
-}
-
-#[derive(Default)]
-struct Node {
-    records: Vec<Stored>,
-    /// Records at names strictly below this one: a node with none of its own but some below is
-    /// an empty non-terminal, answered NODATA rather than NXDOMAIN.
-    below: u32,
 }
 
 /// What one [`Index::apply`] did, for logs and tests.
@@ -145,7 +133,7 @@ pub struct IndexConfig {
 pub struct Index {
     zone: Zone,
     reverse_cidrs: Vec<IpNet>,
-    names: HashMap<Box<[u8]>, Node>,
+    names: Table,
     soa_zone: Vec<u8>,
     soa_in_addr: Vec<u8>,
     soa_ip6: Vec<u8>,
@@ -153,7 +141,11 @@ pub struct Index {
     pod_apex: Vec<u8>,
     pod_mode: PodMode,
     namespaces: Namespaces,
-    services: HashMap<SvcKey, SvcEntry>,
+    /// Every Service, keyed by namespace id and name, with its encoded [`DnsService`], in one
+    /// allocation each (a few dozen bytes for a ClusterIP Service).
+    services: HashSet<Packed>,
+    /// The EndpointSlices of each Service that has any, by slice name.
+    slices: HashMap<SvcKey, Vec<(Box<str>, DnsSlice)>>,
     /// Which Service each slice names, so a slice that moves or goes is taken from it.
     slice_owner: HashMap<SvcKey, Box<str>>,
     pods: Pods,
@@ -178,11 +170,12 @@ impl Index {
             soa_ip6: records::with_owner(IP6_ARPA, &soa_rr),
             zone,
             reverse_cidrs: config.reverse_cidrs.clone(),
-            names: HashMap::new(),
+            names: Table::default(),
             pod_apex: name::prepend("pod", &apex_copy)?,
             pod_mode: config.pods,
             namespaces: Namespaces::default(),
-            services: HashMap::new(),
+            services: HashSet::new(),
+            slices: HashMap::new(),
             slice_owner: HashMap::new(),
             pods: Pods::default(),
             generation: 0,
@@ -205,7 +198,7 @@ impl Index {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.names.len() == 0
     }
 
     /// Brings the index to `snap`, regenerating only the Services (with their EndpointSlices)
@@ -260,18 +253,16 @@ impl Index {
     }
 
     fn records_of(&self, key: &SvcKey) -> Vec<Rec> {
-        match self.services.get(key) {
-            Some(SvcEntry {
-                svc: Some(svc),
-                slices,
-            }) => self.zone.service_records(
-                self.namespaces.name(key.0),
-                &key.1,
-                svc,
-                slices.iter().map(|(_, s)| s),
-            ),
-            _ => Vec::new(),
-        }
+        let Some(svc) = self.services.get(packed_key(key).as_slice()) else {
+            return Vec::new();
+        };
+        let slices = self.slices.get(key).into_iter().flatten();
+        self.zone.service_records(
+            self.namespaces.name(key.0),
+            &key.1,
+            &DnsService::decode(svc.rest()),
+            slices.map(|(_, s)| s),
+        )
     }
 
     /// Applies changed objects; each affected Service's records are regenerated once.
@@ -289,28 +280,39 @@ impl Index {
                 Change::Service(key, svc) => {
                     let k = self.svc_key(&key.namespace, &key.name);
                     touch(self, &k);
-                    self.services.entry(k.clone()).or_default().svc = svc;
-                    self.prune(&k);
+                    let packed = packed_key(&k);
+                    // A name too long for a DNS label has no records: nothing to keep.
+                    match svc.filter(|_| packed.len() <= 4 + name::MAX_LABEL) {
+                        Some(svc) => {
+                            let mut rest = Vec::new();
+                            svc.encode(&mut rest);
+                            let entry = Packed::new(&packed, rest.len(), |out| {
+                                out.extend_from_slice(&rest)
+                            });
+                            self.services.replace(entry);
+                        }
+                        None => {
+                            self.services.remove(packed.as_slice());
+                        }
+                    }
                 }
                 Change::Slice(key, slice) => {
                     let sk = self.svc_key(&key.namespace, &key.name);
                     if let Some(owner) = self.slice_owner.remove(&sk) {
                         let k = (sk.0, owner);
                         touch(self, &k);
-                        if let Some(e) = self.services.get_mut(&k) {
-                            e.slices.retain(|(n, _)| *n != sk.1);
+                        if let Some(list) = self.slices.get_mut(&k) {
+                            list.retain(|(n, _)| *n != sk.1);
+                            if list.is_empty() {
+                                self.slices.remove(&k);
+                            }
                         }
-                        self.prune(&k);
                     }
                     if let Some(slice) = slice {
                         let k = (sk.0, slice.service.clone());
                         touch(self, &k);
                         self.slice_owner.insert(sk.clone(), slice.service.clone());
-                        self.services
-                            .entry(k)
-                            .or_default()
-                            .slices
-                            .push((sk.1, slice));
+                        self.slices.entry(k).or_default().push((sk.1, slice));
                     }
                 }
                 Change::Pod(id, pod) => {
@@ -340,22 +342,12 @@ impl Index {
         stats
     }
 
-    fn prune(&mut self, key: &SvcKey) {
-        if self
-            .services
-            .get(key)
-            .is_some_and(|e| e.svc.is_none() && e.slices.is_empty())
-        {
-            self.services.remove(key);
-        }
-    }
-
     /// Services held whose key is not in `seen` (after a relist: they are gone).
     pub(crate) fn stale_services(&self, seen: &HashSet<ObjectKey>) -> Vec<ObjectKey> {
         self.services
             .iter()
-            .filter(|(_, e)| e.svc.is_some())
-            .map(|(k, _)| ObjectKey::new(self.namespaces.name(k.0), &*k.1))
+            .map(|p| unpacked_key(p.key()))
+            .map(|(ns, name)| ObjectKey::new(self.namespaces.name(ns), &*name))
             .filter(|k| !seen.contains(k))
             .collect()
     }
@@ -397,24 +389,33 @@ impl Index {
             .take_while(move |p| p.len() >= root_len)
     }
 
+    /// Changes the `below` count of every ancestor of `name` by one.
+    fn count_below(&mut self, name: &[u8], up: bool) {
+        let ancestors: Vec<&[u8]> = self.ancestors(name).collect();
+        for a in ancestors {
+            let mut node: Node = self.names.take(a);
+            node.below = if up {
+                node.below + 1
+            } else {
+                node.below.saturating_sub(1)
+            };
+            self.names.put(a, node);
+        }
+    }
+
     fn add(&mut self, owner: OwnerId, recs: Vec<Rec>) -> usize {
         let count = recs.len();
         for r in recs {
-            let ancestors: Vec<Box<[u8]>> = self.ancestors(&r.name).map(Box::from).collect();
-            for a in ancestors {
-                self.names.entry(a).or_default().below += 1;
-            }
-            let node = self.names.entry(r.name.into_boxed_slice()).or_default();
-            let dup = node
-                .records
-                .iter()
-                .any(|s| !s.dup && s.rtype == r.rtype && *s.rr == *r.rr);
-            node.records.push(Stored {
+            self.count_below(&r.name, true);
+            let mut node = self.names.take(&r.name);
+            // The type is part of the encoded record, so equal bytes are the same record.
+            let dup = node.records.iter().any(|s| !s.dup && *s.rr == *r.rr);
+            node.records.push(Owned {
                 owner,
-                rtype: r.rtype,
                 dup,
                 rr: r.rr.into_boxed_slice(),
             });
+            self.names.put(&r.name, node);
         }
         count
     }
@@ -422,39 +423,29 @@ impl Index {
     fn remove(&mut self, owner: OwnerId, recs: Vec<Rec>) -> usize {
         let mut removed = 0;
         for r in recs {
-            let Some(node) = self.names.get_mut(r.name.as_slice()) else {
+            let held = self.names.get(&r.name).is_some_and(|v| {
+                v.records()
+                    .any(|s| s.owner == owner && s.rr == r.rr.as_slice())
+            });
+            if !held {
                 continue;
-            };
-            let Some(pos) = node
+            }
+            let mut node = self.names.take(&r.name);
+            if let Some(pos) = node
                 .records
                 .iter()
-                .position(|s| s.owner == owner && s.rtype == r.rtype && *s.rr == *r.rr)
-            else {
-                continue;
-            };
-            let gone = node.records.swap_remove(pos);
-            if !gone.dup {
-                if let Some(twin) = node
-                    .records
-                    .iter_mut()
-                    .find(|s| s.dup && s.rtype == gone.rtype && s.rr == gone.rr)
-                {
-                    twin.dup = false;
-                }
-            }
-            removed += 1;
-            if node.records.is_empty() && node.below == 0 {
-                self.names.remove(r.name.as_slice());
-            }
-            let ancestors: Vec<Box<[u8]>> = self.ancestors(&r.name).map(Box::from).collect();
-            for a in ancestors {
-                if let Some(n) = self.names.get_mut(&a) {
-                    n.below = n.below.saturating_sub(1);
-                    if n.below == 0 && n.records.is_empty() {
-                        self.names.remove(&a);
+                .position(|s| s.owner == owner && *s.rr == *r.rr)
+            {
+                let gone = node.records.swap_remove(pos);
+                if !gone.dup {
+                    if let Some(twin) = node.records.iter_mut().find(|s| s.dup && s.rr == gone.rr) {
+                        twin.dup = false;
                     }
                 }
             }
+            self.names.put(&r.name, node);
+            removed += 1;
+            self.count_below(&r.name, false);
         }
         removed
     }
@@ -496,25 +487,24 @@ impl Index {
             }
             return Lookup::NotOurs;
         };
-        let live = node.records.iter().filter(|s| !s.dup);
+        let live = node.records().filter(|s| !s.dup);
         let mut answers: Vec<Cow<'_, [u8]>> = live
             .clone()
-            .filter(|s| s.rtype == qtype || qtype == TYPE_ANY)
-            .map(|s| Cow::Borrowed(&*s.rr))
+            .filter(|s| s.rtype() == qtype || qtype == TYPE_ANY)
+            .map(|s| Cow::Borrowed(s.rr))
             .collect();
         let mut chase = None;
         let mut rcode = Rcode::NoError;
         if answers.is_empty() {
-            if let Some(cname) = live.clone().find(|s| s.rtype == TYPE_CNAME) {
+            if let Some(cname) = live.clone().find(|s| s.rtype() == TYPE_CNAME) {
                 // RFC 1034 §4.3.2: answer the CNAME, then what its target has, if it is ours.
-                answers.push(Cow::Borrowed(&*cname.rr));
-                let target = records::rdata(&cname.rr);
+                answers.push(Cow::Borrowed(cname.rr));
+                let target = records::rdata(cname.rr);
                 match self.names.get(target) {
                     Some(t) => answers.extend(
-                        t.records
-                            .iter()
-                            .filter(|s| !s.dup && s.rtype == qtype)
-                            .map(|s| Cow::Owned(records::with_owner(target, &s.rr))),
+                        t.records()
+                            .filter(|s| !s.dup && s.rtype() == qtype)
+                            .map(|s| Cow::Owned(records::with_owner(target, s.rr))),
                     ),
                     None if self.is_authoritative(target) => rcode = Rcode::NxDomain,
                     None => chase = Some(target.to_vec()),

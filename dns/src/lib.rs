@@ -55,6 +55,7 @@ mod model;
 mod name;
 mod records;
 mod server;
+mod table;
 mod upstream;
 mod watch;
 mod wire;

@@ -117,6 +117,121 @@ impl From<&Service> for DnsService {
     }
 }
 
+/// A reader of [`DnsService::encode`]'s bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        head
+    }
+    fn u8(&mut self) -> u8 {
+        self.take(1)[0]
+    }
+    fn u16(&mut self) -> u16 {
+        let b = self.take(2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+    fn text(&mut self) -> Box<str> {
+        let len = usize::from(self.u16());
+        String::from_utf8_lossy(self.take(len)).into()
+    }
+}
+
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    let text = &text.as_bytes()[..text.len().min(usize::from(u16::MAX))];
+    out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    out.extend_from_slice(text);
+}
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+impl DnsService {
+    /// The Service as bytes, for the index to keep it in one allocation with its name (a few
+    /// dozen bytes for a ClusterIP Service with one port); [`DnsService::decode`] reads them.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(self.publish_not_ready));
+        match &self.addresses {
+            Addresses::ClusterIps(ips) => {
+                out.push(0);
+                out.push(ips.len().min(255) as u8);
+                for ip in ips.iter().take(255) {
+                    match ip {
+                        IpAddr::V4(v4) => {
+                            out.push(4);
+                            out.extend_from_slice(&v4.octets());
+                        }
+                        IpAddr::V6(v6) => {
+                            out.push(16);
+                            out.extend_from_slice(&v6.octets());
+                        }
+                    }
+                }
+            }
+            Addresses::Headless => out.push(1),
+            Addresses::ExternalName(None) => out.push(2),
+            Addresses::ExternalName(Some(target)) => {
+                out.push(3);
+                put_text(out, target);
+            }
+            Addresses::Unassigned => out.push(4),
+        }
+        out.extend_from_slice(&(self.ports.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+        for p in self.ports.iter().take(usize::from(u16::MAX)) {
+            let proto = PROTOCOLS.iter().position(|x| *x == p.protocol).unwrap_or(0);
+            out.push(proto as u8);
+            out.extend_from_slice(&p.port.to_le_bytes());
+            put_text(out, &p.name);
+        }
+    }
+
+    /// Reads what [`DnsService::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> DnsService {
+        let mut r = Reader(bytes);
+        let publish_not_ready = r.u8() != 0;
+        let addresses = match r.u8() {
+            0 => {
+                let n = r.u8();
+                let ips = (0..n)
+                    .map(|_| match r.u8() {
+                        4 => {
+                            let b = r.take(4);
+                            IpAddr::from([b[0], b[1], b[2], b[3]])
+                        }
+                        _ => {
+                            let mut o = [0u8; 16];
+                            o.copy_from_slice(r.take(16));
+                            IpAddr::from(o)
+                        }
+                    })
+                    .collect();
+                Addresses::ClusterIps(ips)
+            }
+            1 => Addresses::Headless,
+            2 => Addresses::ExternalName(None),
+            3 => Addresses::ExternalName(Some(r.text())),
+            _ => Addresses::Unassigned,
+        };
+        let ports = (0..r.u16())
+            .map(|_| {
+                let protocol = PROTOCOLS[usize::from(r.u8()).min(2)];
+                let port = r.u16();
+                NamedPort {
+                    name: r.text(),
+                    protocol,
+                    port,
+                }
+            })
+            .collect();
+        DnsService {
+            addresses,
+            ports,
+            publish_not_ready,
+        }
+    }
+}
+
 impl DnsSlice {
     /// `None` for a slice that names no Service (it makes no records).
     pub fn from_core(slice: &EndpointSlice) -> Option<Self> {
@@ -191,5 +306,60 @@ impl Namespaces {
 
     pub fn name(&self, id: u32) -> &str {
         &self.names[id as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_round_trip_through_bytes() {
+        let port = |name: &str, protocol, port| NamedPort {
+            name: name.into(),
+            protocol,
+            port,
+        };
+        let services = [
+            DnsService {
+                addresses: Addresses::ClusterIps(
+                    ["10.96.0.20", "fd00:10:96::20"]
+                        .map(|s| s.parse().unwrap())
+                        .into(),
+                ),
+                ports: [
+                    port("http", Protocol::Tcp, 80),
+                    port("dns", Protocol::Udp, 53),
+                    port("sig", Protocol::Sctp, 9),
+                ]
+                .into(),
+                publish_not_ready: false,
+            },
+            DnsService {
+                addresses: Addresses::Headless,
+                ports: Box::new([]),
+                publish_not_ready: true,
+            },
+            DnsService {
+                addresses: Addresses::ExternalName(Some("Example.COM.".into())),
+                ports: Box::new([]),
+                publish_not_ready: false,
+            },
+            DnsService {
+                addresses: Addresses::ExternalName(None),
+                ports: Box::new([]),
+                publish_not_ready: false,
+            },
+            DnsService {
+                addresses: Addresses::Unassigned,
+                ports: [port("x", Protocol::Tcp, 1)].into(),
+                publish_not_ready: false,
+            },
+        ];
+        for svc in services {
+            let mut bytes = Vec::new();
+            svc.encode(&mut bytes);
+            assert_eq!(DnsService::decode(&bytes), svc);
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 /// Longest name in wire form (RFC 1035 §2.3.4).
 pub(crate) const MAX_NAME: usize = 255;
-const MAX_LABEL: usize = 63;
+pub(crate) const MAX_LABEL: usize = 63;
 
 /// Encodes a dotted name (`web.shop.svc.cluster.local`, trailing dot optional) as lowercased wire
 /// form. `None` when a label is empty or too long, or the whole name is too long.
