@@ -419,13 +419,26 @@ fn question_len(msg: &[u8]) -> usize {
     (at + 4).min(msg.len()).saturating_sub(12)
 }
 
-/// Returns freed heap memory to the system (glibc keeps it otherwise: the first list passes
-/// every object through the allocator once, and that high-water mark would stay resident).
-fn trim_heap() {
+/// Returns freed heap memory to the system (glibc keeps it otherwise: a list passes every
+/// object through the allocator once, and that high-water mark would stay resident).
+pub(crate) fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks and releases glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Allocations of 64 KiB and more (API list pages and their decoded objects' buffers) get their
+/// own mappings, returned to the system when freed. glibc otherwise raises this threshold after
+/// such a block is freed, and later pages come from the heap, where the small long-lived
+/// allocations made while reading them pin the pages (about 1.5 MiB resident at 10,000
+/// Services, measured with the footprint example).
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt sets a glibc tunable; it allocates nothing and may be called any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
     }
 }
 
@@ -483,6 +496,7 @@ impl Server {
         client: kube::Client,
         watcher: kube::runtime::watcher::Config,
     ) -> Result<Server, ServerError> {
+        fix_mmap_threshold();
         let (udp, tcp) = bind_pair(config.listen).await?;
         Self::serve(config, Source::Api(client, watcher), None, udp, tcp)
     }

@@ -142,7 +142,7 @@ async fn apply<T: Feed>(
     let mut listed_once = false;
     let mut batch = Vec::with_capacity(BATCH);
     while events.recv_many(&mut batch, BATCH).await > 0 {
-        let mut first_list_done = false;
+        let (mut first_list_done, mut list_done) = (false, false);
         {
             let mut index = shared.index_mut();
             let mut changes = Vec::new();
@@ -164,6 +164,7 @@ async fn apply<T: Feed>(
                             index.update(stale);
                         }
                         first_list_done |= !std::mem::replace(&mut listed_once, true);
+                        list_done = true;
                     }
                 }
             }
@@ -174,6 +175,8 @@ async fn apply<T: Feed>(
         }
         if first_list_done && pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             shared.mark_ready();
+        } else if list_done {
+            crate::server::trim_heap();
         }
     }
     tracing::info!(kind = %T::KIND, "{} watcher ended; serving the last state seen", T::KIND);
