@@ -32,13 +32,13 @@ pub fn services() -> Vec<Svc> {
         .collect()
 }
 
-/// The namespaces, Services and `pods` Running pods (10.244.0.0/16, no Service selects them),
-/// as manifests.
-pub fn objects(pods: usize) -> impl Iterator<Item = Value> {
+/// The namespaces, the first `services` Services and `pods` Running pods (10.244.0.0/16, no
+/// Service selects them), as manifests.
+pub fn objects(services: usize, pods: usize) -> impl Iterator<Item = Value> {
     let namespaces = (0..NAMESPACES).map(|n| {
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{n:02}")}})
     });
-    let services = services().into_iter().map(|s| {
+    let services = self::services().into_iter().take(services).map(|s| {
         let [a, b, c, d] = s.ip;
         let ip = format!("{a}.{b}.{c}.{d}");
         json!({"apiVersion": "v1", "kind": "Service",
@@ -58,7 +58,7 @@ pub fn objects(pods: usize) -> impl Iterator<Item = Value> {
 
 /// Child mode: an embedded API server on 127.0.0.1 (any port) holding [`objects`]; prints its
 /// URL on stdout, then serves until stdin closes (its parent is gone) and exits.
-pub fn serve_api(pods: usize) -> ! {
+pub fn serve_api(services: usize, pods: usize) -> ! {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let server = fairlead_apiserver::ApiServer::start(
@@ -67,7 +67,7 @@ pub fn serve_api(pods: usize) -> ! {
         )
         .await
         .unwrap();
-        for obj in objects(pods) {
+        for obj in objects(services, pods) {
             server.create(obj).unwrap();
         }
         println!("{}", server.url());

@@ -755,7 +755,7 @@ fn main() {
             .cloned()
     };
     if let Some(p) = arg("--serve-api") {
-        cluster::serve_api(p.parse().unwrap());
+        cluster::serve_api(SERVICES, p.parse().unwrap());
     }
     if let Some(p) = arg("--serve-fairlead") {
         serve_fairlead(p.parse().unwrap());

@@ -3,9 +3,10 @@
 //! many Running pods); this process starts a `Server` that watches it over HTTP and prints its
 //! RSS before, once ready, and after a few seconds of settling.
 //!
-//! `cargo run --release -p fairlead-dns --example footprint -- [PODS] [--pods MODE] [--snapshot]`
+//! `cargo run --release -p fairlead-dns --example footprint -- [PODS] [--pods MODE] [--snapshot]
+//! [--services N]`
 //!
-//! `--pods` is the pod mode (`insecure`, the default, `verified` or `disabled`); `--snapshot`
+//! `--services` takes only the first N Services (0: the fixed cost); `--pods` is the pod mode (`insecure`, the default, `verified` or `disabled`); `--snapshot`
 //! measures the former path instead (the shared `fairlead_core::watch` snapshot of every kind,
 //! applied to the index) for comparison.
 
@@ -44,14 +45,23 @@ fn mib(kib: u64) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--serve-api") {
-        cluster::serve_api(args[i + 1].parse().unwrap());
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args[i + 1].clone())
+    };
+    if let Some(counts) = flag("--serve-api") {
+        let (services, pods) = counts.split_once(',').unwrap();
+        cluster::serve_api(services.parse().unwrap(), pods.parse().unwrap());
     }
+    let services: usize = flag("--services").map_or(cluster::SERVICES, |n| n.parse().unwrap());
+    // The first bare number, not a flag's value.
     let pods: usize = args
         .iter()
+        .enumerate()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(0);
+        .find(|(i, a)| !args[i - 1].starts_with("--") && a.parse::<usize>().is_ok())
+        .map_or(0, |(_, a)| a.parse().unwrap());
     let mode: PodMode = args
         .iter()
         .position(|a| a == "--pods")
@@ -64,12 +74,11 @@ fn main() {
     let snapshot = args.iter().any(|a| a == "--snapshot");
 
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--serve-api", &pods.to_string()]);
+    cmd.args(["--serve-api", &format!("{services},{pods}")]);
     let t = Instant::now();
     let api = cluster::ApiProcess::start(cmd);
     println!(
-        "API server process with {} Services and {pods} pods ready after {:.1} s",
-        cluster::SERVICES,
+        "API server process with {services} Services and {pods} pods ready after {:.1} s",
         t.elapsed().as_secs_f64()
     );
 
