@@ -97,7 +97,7 @@ pub(crate) enum Change {
 pub struct UpdateStats {
     /// Services (with their EndpointSlices) whose records were regenerated.
     pub services_rebuilt: usize,
-    /// Pods whose records were regenerated.
+    /// Pods added, changed or removed (`verified` pod mode only; otherwise no Pod is held).
     pub pods_rebuilt: usize,
     pub records_removed: usize,
     pub records_added: usize,
