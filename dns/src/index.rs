@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use fairlead_core::{IpNet, ObjectKey, Snapshot};
@@ -60,26 +60,72 @@ fn unpacked_key(bytes: &[u8]) -> SvcKey {
     )
 }
 
-/// `verified` pod mode: which (namespace, address) pairs have a pod, and how many.
+/// `verified` pod mode: which (namespace, address) pairs have a pod, and how many; and each
+/// pod's namespace and addresses by pod id, to undo them when it changes or goes (about 50
+/// bytes per pod in all: 2.5 MiB for 50,000, measured with the footprint example).
 #[derive(Default)]
 struct Pods {
-    by_id: HashMap<u64, (u32, Box<[IpAddr]>)>,
-    pairs: HashMap<(u32, IpAddr), u32>,
+    /// Pods with a single IPv4 address, the common case: 16 bytes a slot.
+    single_v4: HashMap<u64, (u32, Ipv4Addr)>,
+    /// Every other pod (dual-stack, IPv6).
+    other: HashMap<u64, (u32, Box<[IpAddr]>)>,
+    v4: HashMap<(u32, Ipv4Addr), u32>,
+    v6: HashMap<(u32, Ipv6Addr), u32>,
     per_namespace: HashMap<u32, u32>,
+}
+
+/// Adds one to, or takes one from, a count kept only while above zero.
+fn step<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: K, up: bool) {
+    if up {
+        *map.entry(key).or_default() += 1;
+    } else if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
 }
 
 impl Pods {
     fn count(&mut self, ns: u32, ips: &[IpAddr], up: bool) {
-        let step = |n: &mut u32| *n = if up { *n + 1 } else { n.saturating_sub(1) };
-        step(self.per_namespace.entry(ns).or_default());
+        step(&mut self.per_namespace, ns, up);
         for ip in ips {
-            step(self.pairs.entry((ns, *ip)).or_default());
-            if self.pairs.get(&(ns, *ip)) == Some(&0) {
-                self.pairs.remove(&(ns, *ip));
+            match ip {
+                IpAddr::V4(v4) => step(&mut self.v4, (ns, *v4), up),
+                IpAddr::V6(v6) => step(&mut self.v6, (ns, *v6), up),
             }
         }
-        if self.per_namespace.get(&ns) == Some(&0) {
-            self.per_namespace.remove(&ns);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some((ns, v4)) = self.single_v4.remove(&id) {
+            self.count(ns, &[IpAddr::V4(v4)], false);
+        }
+        if let Some((ns, ips)) = self.other.remove(&id) {
+            self.count(ns, &ips, false);
+        }
+    }
+
+    fn insert(&mut self, id: u64, ns: u32, ips: Box<[IpAddr]>) {
+        self.count(ns, &ips, true);
+        match *ips {
+            [IpAddr::V4(v4)] => {
+                self.single_v4.insert(id, (ns, v4));
+            }
+            _ => {
+                self.other.insert(id, (ns, ips));
+            }
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &u64> {
+        self.single_v4.keys().chain(self.other.keys())
+    }
+
+    fn has(&self, ns: u32, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.v4.contains_key(&(ns, v4)),
+            IpAddr::V6(v6) => self.v6.contains_key(&(ns, v6)),
         }
     }
 }
@@ -319,13 +365,10 @@ impl Index {
                     if self.pod_mode != PodMode::Verified {
                         continue;
                     }
-                    if let Some((ns, ips)) = self.pods.by_id.remove(&id) {
-                        self.pods.count(ns, &ips, false);
-                    }
+                    self.pods.remove(id);
                     if let Some(pod) = pod {
                         let ns = self.namespaces.intern(&pod.namespace);
-                        self.pods.count(ns, &pod.ips, true);
-                        self.pods.by_id.insert(id, (ns, pod.ips));
+                        self.pods.insert(id, ns, pod.ips);
                     }
                     stats.pods_rebuilt += 1;
                 }
@@ -364,8 +407,7 @@ impl Index {
     /// Pods held whose id is not in `seen`.
     pub(crate) fn stale_pods(&self, seen: &HashSet<u64>) -> Vec<u64> {
         self.pods
-            .by_id
-            .keys()
+            .ids()
             .filter(|id| !seen.contains(id))
             .copied()
             .collect()
@@ -538,7 +580,7 @@ impl Index {
                     mode == PodMode::Insecure
                         || self
                             .pod_namespace(ns)
-                            .is_some_and(|id| self.pods.pairs.contains_key(&(id, *ip)))
+                            .is_some_and(|id| self.pods.has(id, *ip))
                 })
                 .map(Some),
             _ => None,
