@@ -9,8 +9,9 @@
 //! temporary directory, also on failure or SIGINT/SIGTERM.
 //!
 //! Data: 10,000 ClusterIP Services in 50 namespaces, one named TCP port each, so an A, an SRV
-//! and a PTR record per Service. Fairlead gets them as core Services in a Snapshot; the peers
-//! get zone files (Knot, bind9, hickory-dns: the same two files) or `local-data` (unbound)
+//! and a PTR record per Service. Fairlead learns them as `fairlead dns` does, through its own
+//! watchers from an embedded API server in a process of its own (cluster.rs; the 50,000 pods of
+//! the `fairlead-pods` row are there too); the peers get zone files (Knot, bind9, hickory-dns: the same two files) or `local-data` (unbound)
 //! generated from the same list.
 //! Queries: 40% A, 20% SRV, 20% PTR, 20% NXDOMAIN (names inside cluster.local), shuffled.
 //!
@@ -22,7 +23,8 @@
 //!
 //! Flags: `--rounds N` (default 1), `--only a,b` (fairlead,fairlead-pods,knot,unbound,bind9,
 //! hickory), `--secs S` (dnsperf -l, default 10).
-//! Internal modes: `--serve-fairlead <pods>`, `--probe <name>`, `--verify <queries file>`.
+//! Internal modes: `--serve-fairlead <pods>`, `--serve-api <pods>`, `--probe <name>`,
+//! `--verify <queries file>`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -31,16 +33,13 @@ use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fairlead_core::{Pod, Service, Snapshot};
-use k8s_openapi::api::core::v1 as corev1;
-use serde_json::json;
+#[path = "cluster.rs"]
+mod cluster;
 
-const SERVICES: usize = 10_000;
-const NAMESPACES: usize = 50;
-const PODS: usize = 50_000;
+use cluster::{services, Svc, NAMESPACES, PODS, SERVICES};
+
 const ZONE: &str = "cluster.local";
 const QUERIES: usize = 100_000;
 
@@ -48,23 +47,6 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
-}
-
-struct Svc {
-    ns: String,
-    name: String,
-    ip: [u8; 4],
-}
-
-fn services() -> Vec<Svc> {
-    (0..SERVICES)
-        .map(|i| Svc {
-            ns: format!("ns-{:02}", i % NAMESPACES),
-            name: format!("svc-{i:05}"),
-            // 10.96.1.1 - 10.96.40.250: away from 10.96.0.10 (kube-dns).
-            ip: [10, 96, (1 + i / 250) as u8, (1 + i % 250) as u8],
-        })
-        .collect()
 }
 
 fn ptr_name(ip: [u8; 4]) -> String {
@@ -230,41 +212,25 @@ fn version_of(prog: &Path, flag: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Fairlead server (child mode, inside the namespace)
 
-fn fairlead_snapshot(pods: usize) -> Snapshot {
-    let mut b = Snapshot::builder();
-    for s in services() {
-        let [a, bb, c, d] = s.ip;
-        let v = json!({
-            "metadata": {"name": s.name, "namespace": s.ns},
-            "spec": {"clusterIP": format!("{a}.{bb}.{c}.{d}"), "clusterIPs": [format!("{a}.{bb}.{c}.{d}")],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-        });
-        let k: corev1::Service = serde_json::from_value(v).unwrap();
-        b = b.service(Service::try_from(&k).unwrap());
-    }
-    for i in 0..pods {
-        let v = json!({
-            "metadata": {"name": format!("pod-{i:05}"), "namespace": format!("ns-{:02}", i % NAMESPACES)},
-            "spec": {"containers": [{"name": "app"}], "nodeName": format!("node-{}", i % 100)},
-            "status": {"phase": "Running", "podIP": format!("10.244.{}.{}", i / 250, 1 + i % 250),
-                       "podIPs": [{"ip": format!("10.244.{}.{}", i / 250, 1 + i % 250)}]}
-        });
-        let k: corev1::Pod = serde_json::from_value(v).unwrap();
-        b = b.pod(Pod::try_from(&k).unwrap());
-    }
-    b.build()
-}
-
+/// The DNS server as `fairlead dns` runs it: its own watchers on an API server (a child
+/// process holding the Services and `pods` pods, see cluster.rs), configured by the
+/// environment (`FAIRLEAD_DNS_PODS=verified` to watch the pods too), listening on 127.0.0.1:53.
 fn serve_fairlead(pods: usize) -> ! {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--serve-api", &pods.to_string()]);
+    let api = cluster::ApiProcess::start(cmd);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let snap = fairlead_snapshot(pods);
-        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(snap));
         let config = fairlead_dns::Config {
             listen: "127.0.0.1:53".parse().unwrap(),
-            ..fairlead_dns::Config::default()
+            ..fairlead_dns::Config::from_env().unwrap()
         };
-        let _server = fairlead_dns::Server::bind(config, rx).await.unwrap();
+        let server = fairlead_dns::Server::bind_api(config, api.client())
+            .await
+            .unwrap();
+        while !server.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         eprintln!("fairlead-dns ready");
         std::future::pending::<()>().await;
     });
@@ -788,6 +754,9 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if let Some(p) = arg("--serve-api") {
+        cluster::serve_api(SERVICES, p.parse().unwrap());
+    }
     if let Some(p) = arg("--serve-fairlead") {
         serve_fairlead(p.parse().unwrap());
     }

@@ -130,8 +130,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the API server: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
-            let cluster = fairlead_core::watch::spawn(client)?;
-            let mut server = fairlead_dns::Server::bind(config, cluster.subscribe()).await?;
+            // DNS runs its own watchers (Services, EndpointSlices; Pods only with
+            // FAIRLEAD_DNS_PODS=verified) into compact DNS data, not the shared snapshot.
+            let mut server = fairlead_dns::Server::bind_api(config, client).await?;
             // Metrics, /health and /ready (FAIRLEAD_DNS_ADMIN_LISTEN, default :9153; off disables).
             if let Some(addr) = admin {
                 server.start_admin(addr).await?;
@@ -139,7 +140,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(udp = %server.udp_addr(), tcp = %server.tcp_addr(), admin = ?server.admin_addr(), "cluster DNS serving");
             sandbox::wait_for_signal().await?;
             drop(server);
-            drop(cluster);
             Ok(())
         }
         Cmd::Agent => {

@@ -121,34 +121,36 @@ pub fn spawn_with(client: Client, config: watcher::Config) -> Result<SnapshotWat
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::empty()));
 
     let tasks = vec![
-        rt.spawn(watch_kind::<corev1::Service, Service>(
+        rt.spawn(watch_kind::<corev1::Service, Service, ClusterEvent>(
             client.clone(),
             config.clone(),
             events_tx.clone(),
         )),
-        rt.spawn(watch_kind::<discoveryv1::EndpointSlice, EndpointSlice>(
+        rt.spawn(watch_kind::<
+            discoveryv1::EndpointSlice,
+            EndpointSlice,
+            ClusterEvent,
+        >(client.clone(), config.clone(), events_tx.clone())),
+        rt.spawn(watch_kind::<corev1::Pod, Pod, ClusterEvent>(
             client.clone(),
             config.clone(),
             events_tx.clone(),
         )),
-        rt.spawn(watch_kind::<corev1::Pod, Pod>(
+        rt.spawn(watch_kind::<corev1::Namespace, Namespace, ClusterEvent>(
             client.clone(),
             config.clone(),
             events_tx.clone(),
         )),
-        rt.spawn(watch_kind::<corev1::Namespace, Namespace>(
+        rt.spawn(watch_kind::<corev1::Node, Node, ClusterEvent>(
             client.clone(),
             config.clone(),
             events_tx.clone(),
         )),
-        rt.spawn(watch_kind::<corev1::Node, Node>(
-            client.clone(),
-            config.clone(),
-            events_tx.clone(),
-        )),
-        rt.spawn(watch_kind::<networkingv1::NetworkPolicy, NetworkPolicy>(
-            client, config, events_tx,
-        )),
+        rt.spawn(watch_kind::<
+            networkingv1::NetworkPolicy,
+            NetworkPolicy,
+            ClusterEvent,
+        >(client, config, events_tx)),
         rt.spawn(publish(events_rx, snap_tx)),
     ];
     Ok(SnapshotWatch {
@@ -157,12 +159,15 @@ pub fn spawn_with(client: Client, config: watcher::Config) -> Result<SnapshotWat
     })
 }
 
-/// Runs one kind's watcher for as long as anyone listens.
-async fn watch_kind<K, T>(client: Client, config: watcher::Config, tx: mpsc::Sender<ClusterEvent>)
+/// Runs one kind's watcher (all namespaces) for as long as `tx` has a receiver: each object
+/// converted to the model type `T` at once, as an [`Event<T>`] (or anything it converts into,
+/// such as a [`ClusterEvent`]). For a consumer that keeps its own compact state instead of
+/// [`Snapshot`]s (the cluster DNS); [`spawn`] runs one per kind.
+pub async fn watch_kind<K, T, E>(client: Client, config: watcher::Config, tx: mpsc::Sender<E>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
     T: Object + for<'a> TryFrom<&'a K, Error = ConvertError>,
-    Event<T>: Into<ClusterEvent>,
+    Event<T>: Into<E>,
 {
     let kind = T::KIND;
     let stream = watcher(Api::<K>::all(client), config).default_backoff();

@@ -8,6 +8,8 @@ use std::time::Duration;
 use fairlead_core::IpNet;
 use serde::Deserialize;
 
+pub use crate::model::PodMode;
+
 /// What to do with a query that arrives while the forwarder is at its in-flight bound.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,6 +75,10 @@ pub struct Config {
     /// The tail of a cached answer's TTL, in percent, in which a popular answer is refreshed.
     /// 0 disables prefetch. `FAIRLEAD_DNS_PREFETCH_PERCENT`.
     pub prefetch_percent: u8,
+    /// Pod records `a-b-c-d.<ns>.pod.<zone>`, as CoreDNS's `pods` option: `insecure` (from the
+    /// name alone; no Pods are watched), `verified` (only for a pod with that address in that
+    /// namespace; Pods are watched) or `disabled` (NXDOMAIN). `FAIRLEAD_DNS_PODS`.
+    pub pods: PodMode,
 }
 
 impl Default for Config {
@@ -104,6 +110,7 @@ impl Default for Config {
             admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9153))),
             prefetch_amount: 2,
             prefetch_percent: 10,
+            pods: PodMode::Insecure,
         }
     }
 }
@@ -277,6 +284,7 @@ impl Config {
             prefetch_percent,
             "a percentage of the TTL, 0 to 100 (0 disables prefetch)"
         );
+        var!("FAIRLEAD_DNS_PODS", pods, "insecure, verified or disabled");
         if c.prefetch_percent > 100 {
             return Err(ConfigError::Env {
                 var: "FAIRLEAD_DNS_PREFETCH_PERCENT",

@@ -3,15 +3,22 @@
 //! `cluster.local`), and forwarding with a cache for every other name. It runs behind the
 //! `kube-dns` Service (10.96.0.10).
 //!
-//! Data flow: API server -> `fairlead_core::watch` -> `watch::Receiver<Arc<Snapshot>>` ->
-//! [`Server`] applies each new snapshot to its [`Index`] through `Snapshot::diff` (only changed
-//! Services, EndpointSlices and Pods are regenerated) -> UDP/TCP answers. Names outside the
-//! cluster zone (and reverse names outside the configured CIDRs) go to an [`Upstream`].
+//! Data flow (`fairlead dns`, [`Server::bind_api`]): API server -> kube-rs watchers on Services
+//! and EndpointSlices only (Pods too in `verified` pod mode), through
+//! `fairlead_core::watch::watch_kind` -> each object converted at once into compact DNS data
+//! (`model`: names, named ports, addresses, endpoint hostnames and readiness; namespaces
+//! interned) -> [`Index`] (only the Services whose object or slices changed are regenerated)
+//! -> UDP/TCP answers. Pod names `a-b-c-d.<ns>.pod.<zone>` are answered from the query name
+//! ([`PodMode`], as CoreDNS's `pods` option), so no Pod is held by default. [`Server::bind`]
+//! takes the shared `watch::Receiver<Arc<Snapshot>>` instead (tests, the sandbox). Names
+//! outside the cluster zone (and reverse names outside the configured CIDRs) go to an
+//! [`Upstream`].
 //!
 //! ```no_run
-//! # async fn run(cluster: fairlead_core::SnapshotWatch) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = fairlead_dns::Config::from_env()?;
-//! let server = fairlead_dns::Server::bind(config, cluster.subscribe()).await?;
+//! let client = kube::Client::try_default().await?;
+//! let server = fairlead_dns::Server::bind_api(config, client).await?;
 //! println!("serving on {}", server.udp_addr());
 //! # Ok(()) }
 //! ```
@@ -31,10 +38,10 @@
 //!   type; empty non-terminals are counted) in the same lookup.
 //! * Memory per record is its encoded bytes (16 bytes for an A record) plus a small header;
 //!   names are stored once.
-//! * Updates: each record remembers its owner (a Service with its EndpointSlices, or a Pod).
-//!   On a new snapshot the owners named by `Snapshot::diff` have their old records (regenerated
-//!   from the previous snapshot, so no per-owner name list is kept) removed and new ones added.
-//!   Readers take a read lock; an update holds the write lock only for the changed owners.
+//! * Updates: each record remembers its owner (a Service with its EndpointSlices). A changed
+//!   object has its Service's old records (regenerated from the compact state held, so no
+//!   per-owner name list is kept) removed and new ones added. Readers take a read lock; an
+//!   update holds the write lock only for a batch of changed objects.
 //! * hickory-proto is used where its allocations do not matter: forwarded and cached answers,
 //!   and every test decodes our answers with it, an independent check of the hand-written
 //!   encoder.
@@ -44,13 +51,16 @@ mod config;
 mod forward;
 mod index;
 mod metrics;
+mod model;
 mod name;
 mod records;
 mod server;
+mod table;
 mod upstream;
+mod watch;
 mod wire;
 
-pub use config::{Config, ConfigError, ShedAction};
+pub use config::{Config, ConfigError, PodMode, ShedAction};
 pub use index::{Index, IndexConfig, UpdateStats};
 pub use metrics::{Metrics, MetricsSnapshot, UpstreamSnapshot};
 pub use records::SCHEMA_VERSION;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 /// Longest name in wire form (RFC 1035 §2.3.4).
 pub(crate) const MAX_NAME: usize = 255;
-const MAX_LABEL: usize = 63;
+pub(crate) const MAX_LABEL: usize = 63;
 
 /// Encodes a dotted name (`web.shop.svc.cluster.local`, trailing dot optional) as lowercased wire
 /// form. `None` when a label is empty or too long, or the whole name is too long.
@@ -85,6 +85,35 @@ pub(crate) fn dashed(ip: &IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string().replace('.', "-"),
         IpAddr::V6(v6) => v6.to_string().replace(':', "-"),
     }
+}
+
+/// The address a pod label stands for (the inverse of [`dashed`]): four dash-separated decimal
+/// octets, or an IPv6 address with its colons as dashes (CoreDNS's rule for pod names).
+pub(crate) fn parse_dashed(label: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(label).ok()?;
+    if text.matches('-').count() == 3 && !text.contains("--") {
+        text.replace('-', ".")
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4)
+    } else {
+        text.replace('-', ":")
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6)
+    }
+}
+
+/// The labels of `name` above `zone` (which `name` must be within), leftmost first.
+pub(crate) fn labels_above<'a>(name: &'a [u8], zone: &[u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut cur = name;
+    while cur.len() > zone.len() {
+        let len = cur[0] as usize;
+        out.push(&cur[1..1 + len]);
+        cur = &cur[1 + len..];
+    }
+    out
 }
 
 /// The reverse-lookup name of an address in wire form: `5.1.244.10.in-addr.arpa` or the
@@ -189,5 +218,23 @@ mod tests {
             dashed(&"fd00:10:244:1::5".parse().unwrap()),
             "fd00-10-244-1--5"
         );
+        for ip in ["10.244.1.5", "fd00:10:244:1::5", "::1", "fd00::"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(parse_dashed(dashed(&ip).as_bytes()), Some(ip));
+        }
+        for bad in [
+            "10-244-01-5",
+            "10-244-1",
+            "10-244-1-256",
+            "web-0",
+            "",
+            "1-2-3-4-5",
+        ] {
+            assert_eq!(parse_dashed(bad.as_bytes()), None, "{bad}");
+        }
+        let zone = encode("pod.cluster.local").unwrap();
+        let n = encode("10-1-2-3.shop.pod.cluster.local").unwrap();
+        assert_eq!(labels_above(&n, &zone), [&b"10-1-2-3"[..], b"shop"]);
+        assert!(labels_above(&zone, &zone).is_empty());
     }
 }

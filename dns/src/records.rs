@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use fairlead_core::{ClusterIps, Pod, PodPhase, Protocol, Service, ServiceType, Snapshot};
+use fairlead_core::Protocol;
+
+use crate::model::{Addresses, DnsService, DnsSlice};
 
 use crate::name;
 use crate::wire::{
@@ -58,7 +60,7 @@ pub(crate) fn rdata(rr: &[u8]) -> &[u8] {
     &rr[12..]
 }
 
-fn address(ip: &IpAddr) -> (u16, Vec<u8>) {
+pub(crate) fn address(ip: &IpAddr) -> (u16, Vec<u8>) {
     match ip {
         IpAddr::V4(v4) => (TYPE_A, v4.octets().to_vec()),
         IpAddr::V6(v6) => (TYPE_AAAA, v6.octets().to_vec()),
@@ -96,7 +98,7 @@ impl Zone {
         }
     }
 
-    /// `<a>.<b>.svc.<zone>` or `<a>.<b>.pod.<zone>`.
+    /// `<a>.<b>.svc.<zone>`.
     fn under(&self, kind: &str, ns: &str, leaf: &str) -> Option<Vec<u8>> {
         let kind = name::prepend(kind, &self.apex)?;
         let ns = name::prepend(ns, &kind)?;
@@ -127,27 +129,31 @@ impl Zone {
 
     /// Records of one Service and its EndpointSlices (§2.3 ClusterIP, §2.4 headless, §2.5
     /// ExternalName), sorted and without duplicates.
-    pub fn service_records(&self, snap: &Snapshot, svc: &Service) -> Vec<Rec> {
+    pub fn service_records<'a>(
+        &self,
+        namespace: &str,
+        service: &str,
+        svc: &DnsService,
+        slices: impl Iterator<Item = &'a DnsSlice>,
+    ) -> Vec<Rec> {
         let mut out = BTreeSet::new();
-        let Some(base) = self.under("svc", &svc.namespace, &svc.name) else {
+        let Some(base) = self.under("svc", namespace, service) else {
             return Vec::new();
         };
-        if svc.service_type == ServiceType::ExternalName {
-            // §2.5: a CNAME to the external name; a bad name gets no record.
-            match svc.external_name.as_deref().and_then(name::encode) {
-                Some(target) => {
-                    out.insert(self.rec(base, TYPE_CNAME, &target));
+        match &svc.addresses {
+            Addresses::ExternalName(external_name) => {
+                // §2.5: a CNAME to the external name; a bad name gets no record.
+                match external_name.as_deref().and_then(name::encode) {
+                    Some(target) => {
+                        out.insert(self.rec(base, TYPE_CNAME, &target));
+                    }
+                    None => tracing::warn!(
+                        %namespace, %service, ?external_name,
+                        "spec.externalName is not a valid DNS name; no CNAME is served for it"
+                    ),
                 }
-                None => tracing::warn!(
-                    namespace = %svc.namespace, service = %svc.name,
-                    external_name = ?svc.external_name,
-                    "spec.externalName is not a valid DNS name; no CNAME is served for it"
-                ),
             }
-            return out.into_iter().collect();
-        }
-        match &svc.cluster_ips {
-            ClusterIps::Assigned(ips) => {
+            Addresses::ClusterIps(ips) => {
                 // §2.3.1 A/AAAA and §2.3.4 PTR per cluster IP.
                 for ip in ips {
                     let (t, rd) = address(ip);
@@ -155,24 +161,26 @@ impl Zone {
                     out.insert(self.rec(name::reverse(ip), TYPE_PTR, &base));
                 }
                 // §2.3.2 SRV per named port, targeting the Service name.
-                for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+                for p in &svc.ports {
                     if let Some(n) = srv_name(&p.name, p.protocol, &base) {
                         out.insert(self.rec(n, TYPE_SRV, &srv(p.port, &base)));
                     }
                 }
             }
-            ClusterIps::Headless => {
-                let key = fairlead_core::ObjectKey::new(&svc.namespace, &svc.name);
-                for slice in snap.endpoint_slices_of(&key) {
+            Addresses::Headless => {
+                for slice in slices {
                     for ep in &slice.endpoints {
-                        if !(ep.conditions.ready || svc.publish_not_ready_addresses) {
+                        if !(ep.ready || svc.publish_not_ready) {
                             continue;
                         }
                         for ip in &ep.addresses {
                             // §2.4.1: an endpoint without a hostname is named by its address, as
                             // CoreDNS does, so that it too has a target for SRV and PTR.
-                            let host = ep.hostname.clone().unwrap_or_else(|| name::dashed(ip));
-                            let Some(host_name) = name::prepend(&host, &base) else {
+                            let host_name = match &ep.hostname {
+                                Some(h) => name::prepend(h, &base),
+                                None => name::prepend(&name::dashed(ip), &base),
+                            };
+                            let Some(host_name) = host_name else {
                                 continue;
                             };
                             let (t, rd) = address(ip);
@@ -181,35 +189,16 @@ impl Zone {
                             // §2.4.3 PTR per ready endpoint.
                             out.insert(self.rec(name::reverse(ip), TYPE_PTR, &host_name));
                             // §2.4.2 SRV per named port and endpoint, on the endpoint's port.
-                            for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
-                                let (Some(port), Some(n)) =
-                                    (p.port, srv_name(&p.name, p.protocol, &base))
-                                else {
-                                    continue;
-                                };
-                                out.insert(self.rec(n, TYPE_SRV, &srv(port, &host_name)));
+                            for p in &slice.ports {
+                                if let Some(n) = srv_name(&p.name, p.protocol, &base) {
+                                    out.insert(self.rec(n, TYPE_SRV, &srv(p.port, &host_name)));
+                                }
                             }
                         }
                     }
                 }
             }
-            ClusterIps::Unassigned => {}
-        }
-        out.into_iter().collect()
-    }
-
-    /// `<a-b-c-d>.<ns>.pod.<zone>` per address of a Pod that is not host-networked (its address
-    /// would be the node's, shared by many pods) and not finished.
-    pub fn pod_records(&self, pod: &Pod) -> Vec<Rec> {
-        if pod.host_network || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed) {
-            return Vec::new();
-        }
-        let mut out = BTreeSet::new();
-        for ip in &pod.ips {
-            if let Some(n) = self.under("pod", &pod.namespace, &name::dashed(ip)) {
-                let (t, rd) = address(ip);
-                out.insert(self.rec(n, t, &rd));
-            }
+            Addresses::Unassigned => {}
         }
         out.into_iter().collect()
     }

@@ -95,3 +95,53 @@ fn endpoint_changes_rebuild_their_service_and_deletions_empty_the_tree() {
     assert_nxdomain(ask(&index, "db.shop.svc.cluster.local", RecordType::A), SOA);
     assert_nxdomain(ask(&index, "shop.svc.cluster.local", RecordType::A), SOA);
 }
+
+#[test]
+fn a_slice_relabeled_to_another_service_moves_its_records() {
+    let slice_of = |svc: &str| {
+        slice(serde_json::json!({
+            "metadata": {"name": "s1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.2.1"], "hostname": "h", "conditions": {"ready": true}}],
+            "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]
+        }))
+    };
+    let snap = |svc: &str| {
+        Arc::new(
+            fairlead_core::Snapshot::builder()
+                .service(headless("shop", "a", &[("pg", 5432)]))
+                .service(headless("shop", "b", &[("pg", 5432)]))
+                .endpoint_slice(slice_of(svc))
+                .build(),
+        )
+    };
+    let mut index = fairlead_dns::Index::new(&config()).unwrap();
+    index.apply(snap("a"));
+    assert_records(
+        ask(&index, "h.a.shop.svc.cluster.local", RecordType::A),
+        vec!["h.a.shop.svc.cluster.local. 5 IN A 10.244.2.1"],
+    );
+    assert_nxdomain(ask(&index, "b.shop.svc.cluster.local", RecordType::A), SOA);
+
+    let stats = index.apply(snap("b"));
+    // Both Services are rebuilt: the one the slice left and the one it joined.
+    assert_eq!(stats.services_rebuilt, 2);
+    assert_nxdomain(
+        ask(&index, "h.a.shop.svc.cluster.local", RecordType::A),
+        SOA,
+    );
+    assert_nxdomain(ask(&index, "a.shop.svc.cluster.local", RecordType::A), SOA);
+    assert_records(
+        ask(&index, "h.b.shop.svc.cluster.local", RecordType::A),
+        vec!["h.b.shop.svc.cluster.local. 5 IN A 10.244.2.1"],
+    );
+    assert_records(
+        ask(&index, "_pg._tcp.b.shop.svc.cluster.local", RecordType::SRV),
+        vec!["_pg._tcp.b.shop.svc.cluster.local. 5 IN SRV 0 100 5432 h.b.shop.svc.cluster.local."],
+    );
+    assert_records(
+        ask(&index, "1.2.244.10.in-addr.arpa", RecordType::PTR),
+        vec!["1.2.244.10.in-addr.arpa. 5 IN PTR h.b.shop.svc.cluster.local."],
+    );
+}

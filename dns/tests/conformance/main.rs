@@ -5,6 +5,7 @@ mod loopback;
 mod support;
 
 mod admin;
+mod api_watch;
 mod e2e;
 mod fuzz;
 mod incremental;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fairlead_core::{EndpointSlice, Pod, Service, Snapshot};
-use fairlead_dns::{Index, IndexConfig};
+use fairlead_dns::{Index, IndexConfig, PodMode};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use k8s_openapi::api::core::v1 as corev1;
@@ -105,11 +105,16 @@ pub fn config() -> IndexConfig {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect(),
+        pods: PodMode::Insecure,
     }
 }
 
 pub fn index_of(snap: Snapshot) -> Index {
-    let mut index = Index::new(&config()).unwrap();
+    index_with(PodMode::Insecure, snap)
+}
+
+pub fn index_with(pods: PodMode, snap: Snapshot) -> Index {
+    let mut index = Index::new(&IndexConfig { pods, ..config() }).unwrap();
     index.apply(Arc::new(snap));
     index
 }
