@@ -103,6 +103,7 @@ async fn run() {
         cni_plugin: cni_plugin(),
         // No meshed pod here: the proxy is never started.
         proxy: cni_plugin().with_file_name("fairlead-proxy"),
+        mesh_cert_ttl: None,
         maglev: false,
     })
     .await

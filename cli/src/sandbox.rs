@@ -290,6 +290,7 @@ async fn serve(dir: Option<PathBuf>, name: &str, shape: Shape) -> anyhow::Result
         state_dir: sd.clone(),
         cni_plugin: cni_plugin()?,
         proxy: proxy_binary()?,
+        mesh_cert_ttl: None,
         maglev: shape.lb_algorithm == "maglev",
     };
     let sandbox = fairlead_sandbox::cluster::Sandbox::up(config).await?;

@@ -32,6 +32,9 @@ pub struct SandboxConfig {
     /// The `fairlead-proxy` binary, run as the sidecar of meshed pods (needed only when a
     /// pod asks for the mesh).
     pub proxy: PathBuf,
+    /// Lifetime of the mesh certificates the sandbox's CA issues (24 h when `None`; tests
+    /// shorten it to see rotations).
+    pub mesh_cert_ttl: Option<Duration>,
     /// Service backends chosen by Maglev consistent hashing instead of at random.
     pub maglev: bool,
 }
@@ -132,6 +135,7 @@ impl Sandbox {
                 cluster.subscribe(),
                 config.proxy.clone(),
                 config.state_dir.join("mesh"),
+                config.mesh_cert_ttl,
             )
             .await
         );

@@ -105,8 +105,13 @@ impl Mesh {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         proxy: PathBuf,
         dir: PathBuf,
+        cert_ttl: Option<Duration>,
     ) -> anyhow::Result<Arc<Self>> {
-        let issuer = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
+        let mut config = IssuerConfig::default();
+        if let Some(ttl) = cert_ttl {
+            config.ttl = ttl;
+        }
+        let issuer = CertIssuer::load_or_create(client.clone(), config).await?;
         std::fs::create_dir_all(&dir)?;
         Ok(Arc::new(Self {
             issuer: Arc::new(issuer),

@@ -71,6 +71,7 @@ async fn pods_reach_each_other(name: &str, routing: RoutingMode) {
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
         proxy: common::proxy_binary(),
+        mesh_cert_ttl: None,
         maglev: false,
     })
     .await

@@ -37,21 +37,30 @@ pub async fn with_sandbox<F>(tag: &str, f: F)
 where
     F: for<'a> FnOnce(&'a mut Sandbox, &'a str) -> futures::future::BoxFuture<'a, ()>,
 {
+    with_sandbox_config(tag, |_| {}, f).await
+}
+
+/// [`with_sandbox`], with the configuration changed by `tweak` first.
+pub async fn with_sandbox_config<F>(tag: &str, tweak: impl FnOnce(&mut SandboxConfig), f: F)
+where
+    F: for<'a> FnOnce(&'a mut Sandbox, &'a str) -> futures::future::BoxFuture<'a, ()>,
+{
     // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox needs root");
     let name = format!("{tag}{}", std::process::id());
     let state_dir = std::env::temp_dir().join(format!("fairlead-lbtest-{name}"));
-    let mut sandbox = Sandbox::up(SandboxConfig {
+    let mut config = SandboxConfig {
         name: name.clone(),
         nodes: 2,
         routing: RoutingMode::vxlan(),
         state_dir: state_dir.clone(),
         cni_plugin: cni_plugin(),
         proxy: proxy_binary(),
+        mesh_cert_ttl: None,
         maglev: false,
-    })
-    .await
-    .expect("sandbox up");
+    };
+    tweak(&mut config);
+    let mut sandbox = Sandbox::up(config).await.expect("sandbox up");
     let result = std::panic::AssertUnwindSafe(f(&mut sandbox, &name))
         .catch_unwind()
         .await;
