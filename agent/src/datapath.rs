@@ -134,9 +134,11 @@ impl Datapath {
         })
     }
 
-    /// The CNI plugin's `ATTACH <veth> [<namespace>/<pod> <ip>[,<ip>]]`: programs the pod's
-    /// NetworkPolicy for its addresses, then attaches the pod programs to its host veth, so
-    /// the pod never sends or receives a packet without both. Blocking.
+    /// The CNI plugin's `ATTACH <veth> [<namespace>/<pod> <ip>[,<ip>] [mesh-netns=<cookie>]]`:
+    /// programs the pod's NetworkPolicy for its addresses, then attaches the pod programs to
+    /// its host veth, so the pod never sends or receives a packet without both. A meshed pod
+    /// (`mesh-netns`, its network namespace's cookie) is left out of socket-level load
+    /// balancing, so its sidecar sees Service addresses and balances itself. Blocking.
     pub fn attach_pod(&self, args: &str) -> Result<(), String> {
         let mut words = args.split_whitespace();
         let ifname = words.next().unwrap_or("");
@@ -156,8 +158,21 @@ impl Datapath {
                 .collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
+        let mesh_netns = match words.next() {
+            Some(w) => Some(
+                w.strip_prefix("mesh-netns=")
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .ok_or_else(|| format!("{w:?} is not mesh-netns=<netns cookie>"))?,
+            ),
+            None => None,
+        };
         let snapshot = Arc::clone(&self.latest.lock().unwrap_or_else(|p| p.into_inner()));
         let mut lb = self.lb.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cookie) = mesh_netns {
+            lb.lb
+                .skip_socket_lb(cookie)
+                .map_err(|e| format!("leaving the meshed pod out of socket-LB: {e}"))?;
+        }
         if let Some((namespace, name)) = pod {
             lb.attach_endpoint(&snapshot, ObjectKey::new(namespace, name), &ips)
                 .map_err(|e| format!("programming the pod's NetworkPolicy: {e}"))?;

@@ -182,7 +182,18 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, PluginError> {
             intercepting = true;
         }
         if conf.attach_datapath {
-            attach_datapath(conf, &names.host, &pod_ref(env), &allocations)?;
+            // A meshed pod's namespace is named to the agent, which leaves it out of
+            // socket-level load balancing (its sidecar balances).
+            let mesh_netns = match &conf.mesh {
+                Some(_) => Some(fairlead_netns::netns_cookie(netns.as_fd()).map_err(|e| {
+                    PluginError::Mesh {
+                        netns: netns.path().display().to_string(),
+                        reason: format!("reading the namespace's cookie: {e}"),
+                    }
+                })?),
+                None => None,
+            };
+            attach_datapath(conf, &names.host, &pod_ref(env), &allocations, mesh_netns)?;
         }
         Ok(result)
     });
@@ -259,6 +270,7 @@ fn attach_datapath(
     host_ifname: &str,
     pod: &str,
     allocations: &[Allocation],
+    mesh_netns: Option<u64>,
 ) -> Result<(), PluginError> {
     let fail = |reason: String| PluginError::Datapath {
         socket: conf.agent_socket.clone(),
@@ -268,7 +280,12 @@ fn attach_datapath(
     let ips: Vec<String> = allocations.iter().map(|a| a.ip.to_string()).collect();
     let line = agent::ask(
         &conf.agent_socket,
-        &format!("{} {host_ifname} {pod} {}", agent::ATTACH, ips.join(",")),
+        &format!(
+            "{} {host_ifname} {pod} {}{}",
+            agent::ATTACH,
+            ips.join(","),
+            mesh_netns.map_or(String::new(), |c| format!(" mesh-netns={c}"))
+        ),
         AGENT_TIMEOUT,
     )
     .map_err(|e| fail(e.to_string()))?;

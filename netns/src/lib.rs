@@ -54,6 +54,39 @@ pub fn is_root(dev: u64, ino: u64) -> io::Result<bool> {
     }
 }
 
+/// The cookie of the network namespace `fd` refers to (`SO_NETNS_COOKIE` of a socket made
+/// there): how eBPF programs (`bpf_get_netns_cookie`) name a namespace.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    run_in(fd, || {
+        // SAFETY: a plain socket(2); closed below.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SO_NETNS_COOKIE (Linux 5.14).
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        // SAFETY: a valid socket and an out-buffer of the option's size.
+        let rc = unsafe {
+            libc::getsockopt(
+                s,
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        let err = io::Error::last_os_error();
+        // SAFETY: closing the socket made above.
+        unsafe { libc::close(s) };
+        if rc != 0 {
+            return Err(err);
+        }
+        Ok(cookie)
+    })?
+}
+
 /// Runs `f` on a new thread that has entered the namespace `fd` refers to and
 /// returns its result; the calling thread never changes namespace. Sockets
 /// `f` creates stay bound to that namespace. A panic in `f` is passed on.

@@ -258,14 +258,40 @@ async fn meshed_pods_talk_mtls_with_identities() {
                 ready.starts_with("HTTP/1.1 200") && ready.contains("sa/cart"),
                 "{ready}"
             );
+            // A process of the meshed client (in its cgroup, where socket-LB applies) calls
+            // the ClusterIP: socket-LB leaves a meshed pod's connects alone (its namespace is
+            // named at ATTACH), so the sidecar sees the Service address and chooses the
+            // endpoint itself.
+            let via_service = format!(
+                "fairlead_proxy_outbound_connections_total{{server=\"spiffe://cluster.local/ns/shop/sa/catalog\",destination=\"{vip}:80\"}} "
+            );
+            let count_via_service = || {
+                admin("cart", "/metrics")
+                    .lines()
+                    .find_map(|l| l.strip_prefix(via_service.as_str()))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let before = count_via_service();
+            let out = common::curl_in_pod(name, &ns("cart"), &format!("http://{vip}/"));
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                body.contains("identity=spiffe://cluster.local/ns/shop/sa/cart"),
+                "{body}"
+            );
+            assert_eq!(
+                count_via_service(),
+                before + 1,
+                "the sidecar saw the Service address of a connect made in the pod's cgroup"
+            );
             let config = admin("legacy", "/config");
             assert!(config.contains("\"mode\":\"permissive\""), "{config}");
-            // Every request cart made to catalog's app over IPv4: 1 by the Service, 5 by
-            // pod address, and the steady traffic.
+            // Every request cart made to catalog's app over IPv4: 2 by the Service (one from
+            // the pod's cgroup), 5 by pod address, and the steady traffic.
             let metrics = admin("catalog", "/metrics");
             let want = format!(
                 "fairlead_proxy_requests_total{{direction=\"inbound\",peer=\"spiffe://cluster.local/ns/shop/sa/cart\",route=\"127.0.0.1:8080\",status_class=\"2xx\"}} {}",
-                6 + sent
+                7 + sent
             );
             assert!(metrics.contains(&want), "{want}\n{metrics}");
         }

@@ -485,25 +485,7 @@ async fn clusterip_nodeport_affinity_hairpin_and_rejects() {
             let count = |stats: &[fairlead_ebpf::lb::Stat], n: &str| {
                 stats.iter().find(|s| s.name == n).map_or(0, |s| s.value)
             };
-            let cg = cgroup::find_pod(name, &pod_ns("client-1")).expect("pod cgroup");
-            let curl = |url: String| {
-                use std::os::unix::process::CommandExt;
-                let cg = cg.clone();
-                let mut cmd = Command::new("ip");
-                cmd.args([
-                    "netns",
-                    "exec",
-                    &pod_ns("client-1"),
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "3",
-                    &url,
-                ]);
-                // SAFETY: the hook only writes one file between fork and exec.
-                unsafe { cmd.pre_exec(move || cgroup::join(&cg)) };
-                cmd.output().unwrap()
-            };
+            let curl = |url: String| common::curl_in_pod(name, &pod_ns("client-1"), &url);
             let out = curl(format!("http://{}/", vip(sandbox, "web", true)));
             assert!(
                 String::from_utf8_lossy(&out.stdout).starts_with("pod=web-"),

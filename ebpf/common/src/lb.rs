@@ -42,9 +42,15 @@ pub const MAP_SOCK_REV: &str = "fl_lb_skrev_v1";
 pub const MAP_STATS: &str = "fl_lb_stats_v1";
 pub const MAP_NODE: &str = "fl_lb_node_v1";
 pub const MAP_SOCK_FWD: &str = "fl_lb_skfwd_v1";
+/// Network namespaces (by netns cookie) whose sockets socket-LB leaves alone: meshed pods,
+/// whose sidecar must see the Service address to choose the endpoint itself. LRU: an
+/// evicted entry only moves the choice back to socket-LB, which is still correct.
+pub const MAP_SOCK_SKIP: &str = "fl_lb_skskip_v1";
+pub const MAX_SOCK_SKIP: u32 = 65_536;
 
 /// Every map, for pinning and teardown.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
+    MAP_SOCK_SKIP,
     MAP_NODE,
     MAP_SOCK_FWD,
     MAP_SVC,

@@ -70,6 +70,8 @@ static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
 #[map(name = "fl_lb_skfwd_v1")]
 static SOCK_FWD: LruHashMap<SockRevKey, SockFwdValue> =
     LruHashMap::with_max_entries(MAX_SOCK_REV, 0);
+#[map(name = "fl_lb_skskip_v1")]
+static SOCK_SKIP: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_SOCK_SKIP, 0);
 #[map(name = "fl_lb_stats_v1")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map(name = "fl_lb_node_v1")]
@@ -1090,6 +1092,11 @@ fn sock_translate(ctx: &SockAddrContext, v4: bool, hook: SockHook) -> i32 {
         SockHook::Sendmsg => proto == PROTO_UDP,
     };
     if !wanted {
+        return 1;
+    }
+    // A meshed pod: its sidecar balances (it must see the Service address).
+    // SAFETY: helper call on the valid context; the lookup result is only tested.
+    if unsafe { SOCK_SKIP.get(&bpf_get_netns_cookie(ctx.as_ptr())) }.is_some() {
         return 1;
     }
     let addr = user_addr(sa, v4);

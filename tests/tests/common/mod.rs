@@ -31,6 +31,28 @@ pub fn cni_plugin() -> PathBuf {
     p
 }
 
+/// `curl -s --max-time 3 <url>` run as a process of the pod in `pod_ns` (its network
+/// namespace and its cgroup, where socket-level load balancing applies), as `sandbox exec`
+/// runs commands.
+pub fn curl_in_pod(sandbox: &str, pod_ns: &str, url: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let cg = cgroup::find_pod(sandbox, pod_ns).expect("pod cgroup");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        pod_ns,
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        url,
+    ]);
+    // SAFETY: the hook only writes one file between fork and exec.
+    unsafe { cmd.pre_exec(move || cgroup::join(&cg)) };
+    cmd.output().expect("curl runs")
+}
+
 /// A two-node VXLAN sandbox named `<tag><pid>` for `f`; afterwards (also when `f` panics)
 /// it is taken down and checked to have left no namespace, cgroup or eBPF pin.
 pub async fn with_sandbox<F>(tag: &str, f: F)

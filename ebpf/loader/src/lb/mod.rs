@@ -30,9 +30,9 @@ use aya::{
 use fairlead_ebpf_common::lb::{
     AffinityKey, AffinityValue, Backend as BackendValue, CtKey, CtValue, MaglevTable, SockFwdValue,
     SockRevKey, SockRevValue, SvcKey, SvcValue, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT,
-    MAP_MAGLEV, MAP_NODE, MAP_SOCK_FWD, MAP_SOCK_REV, MAP_STATS, MAP_SVC, NODE_ADDR_V4,
-    NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6, PROG_FROM_NET, PROG_FROM_POD, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT,
+    MAP_MAGLEV, MAP_NODE, MAP_SOCK_FWD, MAP_SOCK_REV, MAP_SOCK_SKIP, MAP_STATS, MAP_SVC,
+    NODE_ADDR_V4, NODE_ADDR_V6, PROG_CONNECT4, PROG_CONNECT6, PROG_FROM_NET, PROG_FROM_POD,
+    PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TO_POD, PROTO_UDP, STAT_COUNT,
 };
 
 pub use fairlead_ebpf_common::lb::{Scope, STAT_NAMES};
@@ -91,6 +91,7 @@ pub struct KernelMaps {
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev: BpfHashMap<MapData, SockRevKey, SockRevValue>,
     sock_fwd: BpfHashMap<MapData, SockRevKey, SockFwdValue>,
+    sock_skip: BpfHashMap<MapData, u64, u8>,
     stats: PerCpuArray<MapData, u64>,
     node: Array<MapData, [u32; 4]>,
 }
@@ -293,6 +294,7 @@ impl Lb {
             affinity: take_hash(&mut ebpf, MAP_AFFINITY, &pin_dir)?,
             sock_rev: take_hash(&mut ebpf, MAP_SOCK_REV, &pin_dir)?,
             sock_fwd: take_hash(&mut ebpf, MAP_SOCK_FWD, &pin_dir)?,
+            sock_skip: take_hash(&mut ebpf, MAP_SOCK_SKIP, &pin_dir)?,
             stats: PerCpuArray::try_from(stats).map_err(|e| Error::PinnedMapMismatch {
                 path: pin_dir.join(MAP_STATS),
                 detail: e.to_string(),
@@ -409,6 +411,17 @@ impl Lb {
                 .map_err(write_err(MAP_NODE))?;
         }
         Ok(())
+    }
+
+    /// Socket-level load balancing leaves the sockets of this network namespace (by its
+    /// netns cookie) alone: a meshed pod, whose sidecar balances over the Service's endpoints
+    /// itself. Its packets to a Service address are still translated on the pod's veth if the
+    /// sidecar passes them through.
+    pub fn skip_socket_lb(&mut self, netns_cookie: u64) -> Result<(), Error> {
+        self.maps
+            .sock_skip
+            .insert(netns_cookie, 1, 0)
+            .map_err(write_err(MAP_SOCK_SKIP))
     }
 
     /// NetworkPolicy enforcement on or off for this node (off: every packet
