@@ -51,6 +51,7 @@ mod config;
 mod forward;
 mod index;
 mod metrics;
+mod mmsg;
 mod model;
 mod name;
 mod records;
