@@ -578,11 +578,13 @@ impl Server {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         for _ in 0..workers {
             let live = Listening::new(&shared);
             tasks.push(tokio::spawn(udp_loop(
                 Arc::clone(&shared),
                 Arc::clone(&udp),
+                Arc::clone(&turn),
                 live,
             )));
         }
@@ -727,11 +729,21 @@ fn chase_shed(shared: &Shared) {
 /// runs the client's receive and wakes it; a batch wakes it once.
 const UDP_BATCH: usize = 32;
 
-async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, _live: Listening) {
+/// One receive loop. The loops share the socket and take turns to wait on it (`turn`), so
+/// that only one is woken per datagram (tokio wakes every task waiting on a socket, and all
+/// but one would find nothing): the one whose turn it is drains and answers a batch, and
+/// hands the turn on before it sends, so one loop receives while another sends.
+async fn udp_loop(
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    _live: Listening,
+) {
     let mut buf = vec![0u8; 65535];
     let mut out = Vec::with_capacity(4096);
     let mut batch = crate::mmsg::Batch::new(UDP_BATCH);
     loop {
+        let my_turn = turn.lock().await;
         let mut next = match socket.recv_from(&mut buf).await {
             Ok(r) => Some(r),
             Err(e) => {
@@ -756,6 +768,7 @@ async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, _live: Listening)
                 next = socket.try_recv_from(&mut buf).ok();
             }
         }
+        drop(my_turn);
         let sent = batch.send(&socket).await;
         for _ in 0..sent {
             shared.metrics.latency(start.elapsed());
