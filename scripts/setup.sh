@@ -4,12 +4,14 @@
 #   - Debian's rustc-web/cargo-web 1.96 with the prebuilt core for
 #     bpfel-unknown-none (the eBPF programs build with these, not rustup's),
 #   - LLVM 22 to build bpf-linker against, and bpf-linker 0.13.0 itself,
-#   - iproute2 for the test network namespaces.
+#   - iproute2 for the test network namespaces, curl and python3-grpcio for the mesh
+#     tests' HTTP/2 and gRPC clients,
+#   - Go with sprig and yaml.v3 to render the Helm chart in tests (charts/render).
 # Needs root (apt-get). Prints one line per step it had to take.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
-PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 build-essential pkg-config iputils-ping curl util-linux containernetworking-plugins podman runc busybox-static python3 nftables)
+PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 build-essential pkg-config iputils-ping curl util-linux containernetworking-plugins podman runc busybox-static python3 python3-grpcio nftables golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

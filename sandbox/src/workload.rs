@@ -1,4 +1,5 @@
-//! The built-in workload every sandbox pod runs: an HTTP server, a TCP echo
+//! The built-in workload every sandbox pod runs: an HTTP server (HTTP/1.1 and HTTP/2 without
+//! TLS; a gRPC request, of any method, gets a unary answer), a TCP echo
 //! and a UDP echo, each answering with the pod's name, so a test can tell
 //! which backend it reached. Sockets are bound inside the pod's namespace on a
 //! short-lived thread and then served from the sandbox's runtime.
@@ -137,7 +138,8 @@ pub fn start(
     let app = axum::Router::new().fallback(
         move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
               headers: axum::http::HeaderMap,
-              uri: axum::http::Uri| {
+              uri: axum::http::Uri,
+              body: axum::body::Bytes| {
             let who = who.clone();
             async move {
                 // The mesh identity of the caller, when a sidecar vouched for it.
@@ -146,14 +148,22 @@ pub fn start(
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("none")
                     .to_owned();
-                format!(
+                let line = format!(
                     "pod={} namespace={} node={} client={} path={} identity={identity}\n",
                     who.pod,
                     who.namespace,
                     who.node,
                     peer.ip().to_canonical(),
                     uri.path()
-                )
+                );
+                let grpc = headers
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                if grpc {
+                    grpc_unary(&body, line)
+                } else {
+                    axum::response::IntoResponse::into_response(line)
+                }
             }
         },
     );
@@ -173,6 +183,43 @@ pub fn start(
         tasks.push(tokio::spawn(udp_echo(u, id.pod.clone())));
     }
     Ok(Workload { tasks, _dns: None })
+}
+
+/// A unary gRPC answer (any method): one length-prefixed message holding `line`, then the
+/// `grpc-status` trailer; a request that is not one whole uncompressed message gets status
+/// 3 (INVALID_ARGUMENT), as a gRPC server would answer it.
+fn grpc_unary(request: &[u8], line: String) -> axum::response::Response {
+    use axum::http::{HeaderMap, HeaderValue};
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let whole = request.len() >= 5
+        && request[0] == 0
+        && u32::from_be_bytes([request[1], request[2], request[3], request[4]]) as usize
+            == request.len() - 5;
+    let mut frames: Vec<Result<Frame<axum::body::Bytes>, std::convert::Infallible>> = Vec::new();
+    let mut trailers = HeaderMap::new();
+    if whole {
+        let mut message = vec![0u8];
+        message.extend_from_slice(&(line.len() as u32).to_be_bytes());
+        message.extend_from_slice(line.as_bytes());
+        frames.push(Ok(Frame::data(message.into())));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    } else {
+        trailers.insert("grpc-status", HeaderValue::from_static("3"));
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_static("expected one uncompressed message"),
+        );
+    }
+    frames.push(Ok(Frame::trailers(trailers)));
+    let body = axum::body::Body::new(StreamBody::new(futures::stream::iter(frames)));
+    let mut response = axum::response::Response::new(body);
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// Names the pod, then echoes.

@@ -3,7 +3,7 @@
 //! calls a meshed server by its Service address in plain HTTP, and the server's application
 //! sees the client's SPIFFE ID; a client without a sidecar is refused by the strict server;
 //! a permissive server takes plain text without an identity; raw TCP of a server-speaks-first
-//! app on an opaque port passes at once; certificates rotate under steady traffic with no
+//! app on an opaque port passes at once; HTTP/2 and gRPC (a grpcio client) pass too; certificates rotate under steady traffic with no
 //! failed request; a meshed client reaches a pod outside the mesh in the clear; the sidecar's
 //! admin port answers.
 
@@ -70,6 +70,16 @@ metadata: {name: plain, namespace: shop}
 spec:
   nodeName: node-1
   containers: [{name: c, image: fairlead/echo}]
+"#;
+
+/// A unary call with Python's grpcio (Debian's python3-grpcio, so Debian's /usr/bin/python3, not
+/// another python3 on PATH) to the address in argv[1];
+/// prints the reply. The sandbox workload answers any method.
+const GRPC_CLIENT: &str = r#"
+import sys, grpc
+with grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)]) as ch:
+    call = ch.unary_unary("/fairlead.test.Echo/Who")
+    sys.stdout.write(call(b"who am I", timeout=5).decode())
 "#;
 
 /// A plain HTTP GET from inside `ns`; the answer's last line.
@@ -293,6 +303,49 @@ async fn meshed_pods_talk_mtls_with_identities() {
                 "fairlead_proxy_requests_total{{direction=\"inbound\",peer=\"spiffe://cluster.local/ns/shop/sa/cart\",route=\"127.0.0.1:8080\",status_class=\"2xx\"}} {}",
                 7 + sent
             );
+            assert!(metrics.contains(&want), "{want}\n{metrics}");
+
+            // HTTP/2 (prior knowledge, as gRPC clients speak it in the clear) and gRPC from a
+            // real gRPC client (Python's grpcio), through both sidecars by the Service: the
+            // server's app sees the client's identity in both.
+            let out = common::run_in_pod(
+                name,
+                &ns("cart"),
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "3",
+                    "--http2-prior-knowledge",
+                    "-w",
+                    "version=%{http_version}",
+                    &format!("http://{vip}/h2"),
+                ],
+            );
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                body.contains("path=/h2 identity=spiffe://cluster.local/ns/shop/sa/cart")
+                    && body.ends_with("version=2"),
+                "HTTP/2 through the mesh: {body} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = common::run_in_pod(
+                name,
+                &ns("cart"),
+                &["/usr/bin/python3", "-c", GRPC_CLIENT, &format!("{vip}:80")],
+            );
+            let reply = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success()
+                    && reply.contains(
+                        "path=/fairlead.test.Echo/Who identity=spiffe://cluster.local/ns/shop/sa/cart"
+                    ),
+                "gRPC through the mesh: {reply} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Both counted as requests from cart, as the HTTP/1.1 ones were.
+            let metrics = admin("catalog", "/metrics");
+            let want = want.replace(&format!("}} {}", 7 + sent), &format!("}} {}", 9 + sent));
             assert!(metrics.contains(&want), "{want}\n{metrics}");
         }
         .boxed()

@@ -35,22 +35,19 @@ pub fn cni_plugin() -> PathBuf {
 /// namespace and its cgroup, where socket-level load balancing applies), as `sandbox exec`
 /// runs commands.
 pub fn curl_in_pod(sandbox: &str, pod_ns: &str, url: &str) -> std::process::Output {
+    run_in_pod(sandbox, pod_ns, &["curl", "-s", "--max-time", "3", url])
+}
+
+/// `argv` run as a process of the pod in `pod_ns` (its network namespace and its cgroup).
+pub fn run_in_pod(sandbox: &str, pod_ns: &str, argv: &[&str]) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let cg = cgroup::find_pod(sandbox, pod_ns).expect("pod cgroup");
     let mut cmd = std::process::Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        pod_ns,
-        "curl",
-        "-s",
-        "--max-time",
-        "3",
-        url,
-    ]);
+    cmd.args(["netns", "exec", pod_ns]).args(argv);
     // SAFETY: the hook only writes one file between fork and exec.
     unsafe { cmd.pre_exec(move || cgroup::join(&cg)) };
-    cmd.output().expect("curl runs")
+    cmd.output()
+        .unwrap_or_else(|e| panic!("{} does not run: {e}", argv[0]))
 }
 
 /// A two-node VXLAN sandbox named `<tag><pid>` for `f`; afterwards (also when `f` panics)
