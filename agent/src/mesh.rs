@@ -27,50 +27,72 @@ pub trait MeshIssuer: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>>;
 }
 
-/// The controller's CA over HTTPS (`POST /v1/certificates`).
-pub struct ControllerIssuer(pub fairlead_controller::api::CaClient);
+/// The controller's CA over HTTPS (`POST /v1/certificates`), trusted through the bundle
+/// file (the ConfigMap `fairlead-ca-bundle` the controller publishes, mounted into the agent).
+/// The file is read again on every request, so a root rotation (kubelet rewrites the mounted
+/// ConfigMap, and the controller's serving certificate moves to the new root) and a bundle
+/// that appears after the agent started are followed without a restart; a request while the
+/// file is missing or unusable gets the reason.
+pub struct ControllerIssuer {
+    url: String,
+    bundle: std::path::PathBuf,
+    /// The client built from the bundle last read, with that bundle.
+    client: std::sync::Mutex<Option<(String, fairlead_controller::api::CaClient)>>,
+}
+
+impl ControllerIssuer {
+    pub fn new(url: &str, bundle: &std::path::Path) -> Self {
+        Self {
+            url: url.to_owned(),
+            bundle: bundle.to_owned(),
+            client: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The client for the bundle as the file holds it now.
+    fn client(&self) -> Result<fairlead_controller::api::CaClient, String> {
+        let pem = std::fs::read_to_string(&self.bundle).map_err(|e| {
+            format!(
+                "the agent's mesh CA is not configured right: reading the bundle {}: {e}",
+                self.bundle.display()
+            )
+        })?;
+        let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, client)) = cached.as_ref() {
+            if *seen == pem {
+                return Ok(client.clone());
+            }
+        }
+        let client = fairlead_controller::api::CaClient::new(&self.url, &pem)
+            .map_err(|e| format!("the agent's mesh CA is not configured right: {e}"))?;
+        if cached.is_some() {
+            tracing::info!(bundle = %self.bundle.display(), "mesh CA bundle changed; using the new one");
+        }
+        *cached = Some((pem, client.clone()));
+        Ok(client)
+    }
+}
 
 impl MeshIssuer for ControllerIssuer {
     fn issue<'a>(
         &'a self,
         request: &'a CertRequest,
     ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
-        Box::pin(self.0.issue(request))
-    }
-}
-
-/// A CA the agent could not set up: every request gets the reason (the node's networking
-/// is not held hostage by a mesh misconfiguration).
-struct Unavailable(String);
-
-impl MeshIssuer for Unavailable {
-    fn issue<'a>(
-        &'a self,
-        _: &'a CertRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
-        let reason = self.0.clone();
-        Box::pin(async move { Err(reason) })
+        Box::pin(async move { self.client()?.issue(request).await })
     }
 }
 
 impl MeshSettings {
     /// From the agent's configuration: the controller's CA at `url`, trusted through the
-    /// bundle file. A bundle that cannot be read is logged and answered on every request.
+    /// bundle file ([`ControllerIssuer`]). A bundle that cannot be used now is logged, and
+    /// looked at again on each request.
     pub fn from_config(c: &crate::config::MeshCaConfig) -> Self {
-        let issuer: Arc<dyn MeshIssuer> = match std::fs::read_to_string(&c.bundle)
-            .map_err(|e| format!("reading the mesh CA bundle {}: {e}", c.bundle.display()))
-            .and_then(|pem| fairlead_controller::api::CaClient::new(&c.url, &pem))
-        {
-            Ok(client) => Arc::new(ControllerIssuer(client)),
-            Err(e) => {
-                tracing::warn!(error = %e, "the mesh CA is not usable; sidecars get no certificates");
-                Arc::new(Unavailable(format!(
-                    "the agent's mesh CA is not configured right: {e}"
-                )))
-            }
-        };
+        let issuer = ControllerIssuer::new(&c.url, &c.bundle);
+        if let Err(e) = issuer.client() {
+            tracing::warn!(error = %e, "the mesh CA is not usable yet; sidecars get no certificates until it is");
+        }
         Self {
-            issuer,
+            issuer: Arc::new(issuer),
             trust_domain: c.trust_domain.clone(),
         }
     }

@@ -166,6 +166,9 @@ pub fn decode_builtin(kind: BuiltinKind, obj: &Value) -> ApiResult<Decoded> {
         BuiltinKind::EndpointSlice => roundtrip::<disc::EndpointSlice>(&name, obj)?,
         BuiltinKind::NetworkPolicy => roundtrip::<net::NetworkPolicy>(&name, obj)?,
         BuiltinKind::Lease => roundtrip::<coord::Lease>(&name, obj)?,
+        BuiltinKind::MutatingWebhookConfiguration => roundtrip::<
+            k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        >(&name, obj)?,
         BuiltinKind::CustomResourceDefinition => {
             roundtrip::<ext::CustomResourceDefinition>(&name, obj)?
         }

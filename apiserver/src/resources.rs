@@ -35,6 +35,8 @@ pub enum BuiltinKind {
     ConfigMap,
     Event,
     Lease,
+    /// Stored and served (the mesh controller writes its caBundle); never called.
+    MutatingWebhookConfiguration,
     CustomResourceDefinition,
 }
 
@@ -204,6 +206,16 @@ impl Registry {
                 false,
                 &[],
                 B::Lease,
+            ),
+            ResourceType::builtin(
+                "admissionregistration.k8s.io",
+                "v1",
+                "MutatingWebhookConfiguration",
+                "mutatingwebhookconfigurations",
+                false,
+                false,
+                &[],
+                B::MutatingWebhookConfiguration,
             ),
             ResourceType::builtin(
                 "apiextensions.k8s.io",

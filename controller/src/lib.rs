@@ -8,6 +8,7 @@ pub mod api;
 pub mod ca;
 pub mod issuer;
 pub mod server;
+pub mod trust;
 pub mod webhook;
 
 pub use ca::{new_key_and_csr, Ca, CaError, Leaf, SpiffeId};

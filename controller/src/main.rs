@@ -7,9 +7,14 @@
 //! An issued serving certificate is renewed halfway through its life; a certificate from
 //! files is served anew once the files change.
 //!
-//! Not yet: the endpoint through which proxies (via their node agent) get certificates,
-//! following a root rotation into caBundle (the binary never rotates the root), CRD status,
-//! leader election.
+//! It also serves the CA's API to node agents (`POST /v1/certificates`), publishes the
+//! trust bundle (ConfigMap `fairlead-ca-bundle`), and follows the CA Secret every
+//! `--ca-sync-secs` ([`fairlead_controller::trust`]), so a root rotation staged with
+//! `fairlead-controller rotate-root` reaches the bundle, `caBundle` and its own serving
+//! certificate. Replicas need no leader: the Secret is the only state, and every write
+//! names the resourceVersion it was based on.
+//!
+//! Not yet: CRD status.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,11 +23,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use fairlead_controller::server::{self, Limits, ServingCert};
+use fairlead_controller::trust::{Serving, TrustSync};
 use fairlead_controller::webhook::InjectConfig;
 use fairlead_controller::{CertIssuer, IssuerConfig};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::ByteString;
-use kube::api::{Api, PostParams};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +57,7 @@ struct Args {
     #[arg(
         long,
         env = "FAIRLEAD_CONTROLLER_TRUST_DOMAIN",
+        global = true,
         default_value = "cluster.local"
     )]
     trust_domain: String,
@@ -61,12 +65,14 @@ struct Args {
     #[arg(
         long,
         env = "FAIRLEAD_CONTROLLER_CA_NAMESPACE",
+        global = true,
         default_value = "fairlead-system"
     )]
     ca_namespace: String,
     #[arg(
         long,
         env = "FAIRLEAD_CONTROLLER_CA_SECRET",
+        global = true,
         default_value = "fairlead-ca"
     )]
     ca_secret: String,
@@ -82,6 +88,48 @@ struct Args {
     /// Read timeout (TLS handshake and request head, then body), seconds.
     #[arg(long, default_value_t = 10)]
     read_timeout_secs: u64,
+    /// How often the CA Secret is read again (rotations, other replicas) and the bundle,
+    /// caBundle and serving certificate brought in step, seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    ca_sync_secs: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Stage a new mesh root in the CA Secret and exit; the running controllers pick it up.
+    /// It joins the trust bundle at once, starts signing after --propagate, and the old root
+    /// stays trusted for --overlap after that. Durations: 90s, 30m, 13h, 2d.
+    RotateRoot {
+        /// Until the new root signs: at least half the workload certificates' life (they
+        /// renew, and learn the bundle, at half-life; 24 h certificates: 12 h).
+        #[arg(long, default_value = "13h", value_parser = parse_duration)]
+        propagate: Duration,
+        /// How long the old root stays trusted after the switch: at least the workload
+        /// certificates' life, so the leaves it signed expire first.
+        #[arg(long, default_value = "25h", value_parser = parse_duration)]
+        overlap: Duration,
+    },
+}
+
+/// `90s`, `30m`, `13h`, `2d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit, like 90s, 30m, 13h or 2d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n * secs))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -120,10 +168,20 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("the mesh CA: {e}"))?,
     );
-    // The roots, for the node agents (their client of this CA) and anyone who verifies mesh
-    // certificates: not secret, unlike the CA's Secret.
-    publish_bundle(&client, &args.ca_namespace, &issuer.bundle()).await?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
+    if let Some(Command::RotateRoot { propagate, overlap }) = args.command {
+        let at = issuer
+            .rotate(propagate, overlap)
+            .await
+            .map_err(|e| format!("staging the new root: {e}"))?;
+        println!(
+            "new mesh root staged in {}/{}: trusted now, signing from {at}; the old root trusted until {}",
+            args.ca_namespace,
+            args.ca_secret,
+            at + overlap
+        );
+        return Ok(());
+    }
+    let (tls, serving) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             if args.webhook_config.is_some() {
                 return Err(
@@ -134,26 +192,37 @@ async fn run(args: Args) -> Result<(), String> {
                         .into(),
                 );
             }
-            ServingCert::from_files(cert, key).map_err(|e| e.to_string())?
+            (
+                ServingCert::from_files(cert, key).map_err(|e| e.to_string())?,
+                None,
+            )
         }
         _ => {
             let ttl = Duration::from_secs(args.serving_ttl_days * 24 * 3600);
             let (leaf, key) = issuer
                 .issue_serving(&args.dns_name, ttl)
                 .map_err(|e| format!("issuing the serving certificate: {e}"))?;
-            if let Some(name) = &args.webhook_config {
-                set_ca_bundle(&client, name, &issuer.bundle()).await?;
-            }
             let cert = ServingCert::from_pem(&leaf.chain_pem, &key).map_err(|e| e.to_string())?;
-            tokio::spawn(renew(
-                Arc::clone(&issuer),
-                Arc::clone(&cert),
-                args.dns_name.clone(),
+            let serving = Serving {
+                cert: Arc::clone(&cert),
+                names: args.dns_name.clone(),
                 ttl,
-            ));
-            cert
+            };
+            (cert, Some(serving))
         }
     };
+    // The roots, for the node agents (their client of this CA) and anyone who verifies mesh
+    // certificates (not secret, unlike the CA's Secret), and the webhook's caBundle: once
+    // now (a failure stops the start), then every --ca-sync-secs, following rotations.
+    let mut sync = TrustSync::new(
+        Arc::clone(&issuer),
+        client.clone(),
+        &args.ca_namespace,
+        serving.as_ref().and(args.webhook_config.clone()),
+        serving,
+    );
+    sync.tick().await?;
+    tokio::spawn(sync.run(Duration::from_secs(args.ca_sync_secs)));
     let tls = tls.tls_config().map_err(|e| e.to_string())?;
     let mut inject = InjectConfig::default();
     if let Some(image) = args.proxy_image {
@@ -174,100 +243,5 @@ async fn run(args: Args) -> Result<(), String> {
         Some(issuer),
     )
     .await;
-    Ok(())
-}
-
-/// Re-issues the serving certificate halfway through its life (every minute after a
-/// failure, while the current one is still served).
-async fn renew(issuer: Arc<CertIssuer>, cert: Arc<ServingCert>, names: Vec<String>, ttl: Duration) {
-    let mut wait = ttl / 2;
-    loop {
-        tokio::time::sleep(wait).await;
-        let renewed = issuer
-            .issue_serving(&names, ttl)
-            .map_err(|e| e.to_string())
-            .and_then(|(leaf, key)| cert.set(&leaf.chain_pem, &key).map_err(|e| e.to_string()));
-        wait = match renewed {
-            Ok(()) => {
-                tracing::info!("serving certificate renewed");
-                ttl / 2
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing the serving certificate failed; retrying in a minute");
-                Duration::from_secs(60)
-            }
-        };
-    }
-}
-
-/// The ConfigMap the mesh's trust bundle is published in (`ca.crt`).
-pub const BUNDLE_CONFIGMAP: &str = "fairlead-ca-bundle";
-
-/// Creates or updates the ConfigMap [`BUNDLE_CONFIGMAP`] in `namespace` with `bundle`.
-async fn publish_bundle(
-    client: &kube::Client,
-    namespace: &str,
-    bundle: &str,
-) -> Result<(), String> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let mut cm = ConfigMap {
-        metadata: kube::api::ObjectMeta {
-            name: Some(BUNDLE_CONFIGMAP.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        data: Some([("ca.crt".to_owned(), bundle.to_owned())].into()),
-        ..Default::default()
-    };
-    let result = match api.get_opt(BUNDLE_CONFIGMAP).await {
-        Ok(Some(old)) => {
-            cm.metadata.resource_version = old.metadata.resource_version;
-            api.replace(BUNDLE_CONFIGMAP, &PostParams::default(), &cm)
-                .await
-        }
-        Ok(None) => api.create(&PostParams::default(), &cm).await,
-        Err(e) => Err(e),
-    };
-    result.map_err(|e| {
-        format!("publishing the trust bundle in {namespace}/{BUNDLE_CONFIGMAP}: {e}")
-    })?;
-    tracing::info!(configmap = %format!("{namespace}/{BUNDLE_CONFIGMAP}"), "trust bundle published");
-    Ok(())
-}
-
-/// Writes `bundle` as every webhook's `caBundle` in the MutatingWebhookConfiguration `name`.
-async fn set_ca_bundle(client: &kube::Client, name: &str, bundle: &str) -> Result<(), String> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    // Helm creates webhook configurations after Deployments, so it may not exist yet.
-    let mut attempts = 0;
-    let mut config = loop {
-        match api.get_opt(name).await {
-            Ok(Some(c)) => break c,
-            Ok(None) if attempts < 30 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Ok(None) => {
-                return Err(format!(
-                    "the MutatingWebhookConfiguration {name} (--webhook-config) does not exist"
-                ))
-            }
-            Err(e) => {
-                return Err(format!(
-                    "reading the MutatingWebhookConfiguration {name} (--webhook-config): {e}"
-                ))
-            }
-        }
-    };
-    for hook in config.webhooks.iter_mut().flatten() {
-        hook.client_config.ca_bundle = Some(ByteString(bundle.as_bytes().to_vec()));
-    }
-    api.replace(name, &PostParams::default(), &config)
-        .await
-        .map_err(|e| {
-            format!("writing caBundle into the MutatingWebhookConfiguration {name}: {e}")
-        })?;
-    tracing::info!(webhook_config = name, "caBundle set to the mesh CA bundle");
     Ok(())
 }

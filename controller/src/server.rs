@@ -121,6 +121,12 @@ impl ServingCert {
         Ok(())
     }
 
+    /// The leaf certificate presented now (DER).
+    pub fn leaf_der(&self) -> Vec<u8> {
+        let ck = self.current.read().unwrap_or_else(|p| p.into_inner());
+        ck.cert.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
+
     /// A rustls server config (ring, HTTP/1.1) presenting this certificate.
     pub fn tls_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, ServeError> {
         let mut config = ServerConfig::builder_with_provider(provider())

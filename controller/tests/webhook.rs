@@ -638,20 +638,6 @@ async fn the_serving_certificate_is_for_the_webhook_service_only() -> anyhow::Re
 async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
     let api = ApiServer::start("127.0.0.1:0".parse()?, ServerConfig::default()).await?;
     let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
-    // The embedded API server has no admissionregistration group; a CRD of the same shape
-    // stands in for it.
-    api.create(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "mutatingwebhookconfigurations.admissionregistration.k8s.io"},
-        "spec": {
-            "group": "admissionregistration.k8s.io",
-            "scope": "Cluster",
-            "names": {"plural": "mutatingwebhookconfigurations", "singular": "mutatingwebhookconfiguration", "kind": "MutatingWebhookConfiguration"},
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
-        }
-    }))?;
     api.create(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -683,6 +669,7 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
                 format!("--listen={addr}"),
                 "--webhook-config=fairlead-sidecar-injector".into(),
                 "--proxy-image=example.test/fairlead-proxy:test".into(),
+                "--ca-sync-secs=1".into(),
             ])
             .spawn()?,
     );
@@ -705,13 +692,13 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
     let bundle = bundle.expect("the controller wrote caBundle within 20 s");
     // The trust bundle is published for the node agents too.
     let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-        kube::Api::namespaced(client, "fairlead-system");
+        kube::Api::namespaced(client.clone(), "fairlead-system");
     let published = cms.get("fairlead-ca-bundle").await?;
     assert_eq!(
         published.data.unwrap_or_default().get("ca.crt"),
         Some(&bundle)
     );
-    let hook = Webhook {
+    let mut hook = Webhook {
         addr,
         connector: connector(&bundle)?,
         task: None,
@@ -732,6 +719,70 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
         ["fairlead-proxy", "migrate"]
     );
     assert_sidecar(&patched["spec"]["initContainers"][0]);
+
+    // A root rotation staged from the command line (here signing at once) reaches the
+    // running controller within its sync period: caBundle and the bundle ConfigMap hold both
+    // roots, and the webhook serves a certificate from the new root.
+    // Not std's Command: waiting on it would block this runtime, which also serves the API.
+    let cli = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fairlead-controller"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+    };
+    let bad = cli(&["rotate-root", "--overlap", "5x"]).await?;
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("the unit must be s, m, h or d"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        cli(&["rotate-root", "--propagate", "0s", "--overlap", "1h"]),
+    )
+    .await??;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("signing from"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rotated = None;
+    for _ in 0..100 {
+        let config = hooks.get("fairlead-sidecar-injector").await?;
+        let b = config.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .map(|b| String::from_utf8(b.0))
+            .transpose()?
+            .unwrap_or_default();
+        if b.matches("BEGIN CERTIFICATE").count() == 2 {
+            rotated = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rotated = rotated.expect("caBundle holds both roots within 10 s");
+    assert!(
+        rotated.contains(bundle.trim()),
+        "the old root stays trusted"
+    );
+    let published = cms.get("fairlead-ca-bundle").await?;
+    assert_eq!(
+        published.data.unwrap_or_default().get("ca.crt"),
+        Some(&rotated)
+    );
+    // The new root (first in the bundle) alone verifies the webhook's certificate now.
+    let new_root = rotated
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap()
+        .to_owned();
+    hook.connector = connector(&new_root)?;
+    hook.tls(DNS_NAME).await?;
     Ok(())
 }
 

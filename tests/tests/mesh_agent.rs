@@ -31,13 +31,16 @@ use common::proxy_binary;
 /// certificate from the mesh CA, for `localhost`), checking tokens with TokenReview on the
 /// embedded API server. Returns the API server (for tokens), the agent's mesh settings
 /// (built from configuration, as `fairlead agent` builds them) and the server task.
-async fn controller_ca(
-    dir: &std::path::Path,
-) -> (
-    fairlead_apiserver::ApiServer,
-    MeshSettings,
-    tokio::task::JoinHandle<()>,
-) {
+struct ControllerCa {
+    api: fairlead_apiserver::ApiServer,
+    settings: MeshSettings,
+    task: tokio::task::JoinHandle<()>,
+    issuer: Arc<CertIssuer>,
+    serving: Arc<ServingCert>,
+    bundle: std::path::PathBuf,
+}
+
+async fn controller_ca(dir: &std::path::Path) -> ControllerCa {
     let api = fairlead_apiserver::ApiServer::start(
         "127.0.0.1:0".parse().unwrap(),
         fairlead_apiserver::ServerConfig::default(),
@@ -60,10 +63,8 @@ async fn controller_ca(
     let (leaf, key) = issuer
         .issue_serving(&["localhost".to_owned()], Duration::from_secs(3600))
         .unwrap();
-    let tls = ServingCert::from_pem(&leaf.chain_pem, &key)
-        .unwrap()
-        .tls_config()
-        .unwrap();
+    let serving = ServingCert::from_pem(&leaf.chain_pem, &key).unwrap();
+    let tls = serving.tls_config().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(server::serve_with_ca(
@@ -77,10 +78,17 @@ async fn controller_ca(
     std::fs::write(&bundle, issuer.bundle()).unwrap();
     let settings = MeshSettings::from_config(&MeshCaConfig {
         url: format!("https://localhost:{port}"),
-        bundle,
+        bundle: bundle.clone(),
         trust_domain: "cluster.local".into(),
     });
-    (api, settings, task)
+    ControllerCa {
+        api,
+        settings,
+        task,
+        issuer,
+        serving,
+        bundle,
+    }
 }
 
 fn snapshot(with_pod: bool) -> Snapshot {
@@ -143,7 +151,12 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
     let dir = std::env::temp_dir().join(format!("fairlead-mesh-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("agent.sock");
-    let (api, settings, ca_task) = controller_ca(&dir).await;
+    let ControllerCa {
+        api,
+        settings,
+        task: ca_task,
+        ..
+    } = controller_ca(&dir).await;
     let (snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snapshot(true)));
     let (_ready_tx, ready_rx) = tokio::sync::watch::channel(Readiness::Ready);
     let server = StatusServer::bind(&socket, ready_rx)
@@ -249,5 +262,65 @@ async fn the_proxy_gets_its_certificate_and_routes_from_the_agent() {
     let _ = stop_tx.send(());
     let _ = served.await;
     ca_task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The agent reads the bundle file on every request: without it a sidecar's request gets
+/// the reason; once it is there, certificates flow; after a root rotation the controller
+/// serves a certificate from the new root, which the old bundle does not verify, and the
+/// rewritten file (as kubelet rewrites a mounted ConfigMap) is picked up without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_follows_the_bundle_file_through_a_root_rotation() {
+    let dir = std::env::temp_dir().join(format!("fairlead-mesh-bundle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = controller_ca(&dir).await;
+    let token = ca
+        .api
+        .issue_token("shop", "cart", &["fairlead"], Duration::from_secs(600))
+        .unwrap();
+    let (_key, csr) = fairlead_controller::new_key_and_csr().unwrap();
+    let request = fairlead_agent::mesh::CertRequest {
+        namespace: "shop".into(),
+        service_account: "cart".into(),
+        token,
+        csr,
+    };
+    let issue = || ca.settings.issuer.issue(&request);
+
+    let bundle = std::fs::read_to_string(&ca.bundle).unwrap();
+    std::fs::remove_file(&ca.bundle).unwrap();
+    let err = issue().await.unwrap_err();
+    assert!(err.contains("reading the bundle"), "{err}");
+    std::fs::write(&ca.bundle, &bundle).unwrap();
+    issue()
+        .await
+        .expect("a certificate once the bundle is there");
+
+    // The root rotates (no propagation wait here) and the controller serves a certificate
+    // from the new root.
+    ca.issuer
+        .rotate(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let (leaf, key) = ca
+        .issuer
+        .issue_serving(&["localhost".to_owned()], Duration::from_secs(3600))
+        .unwrap();
+    ca.serving.set(&leaf.chain_pem, &key).unwrap();
+    // The agent's client resumes its TLS session (no certificate is checked then), so only a
+    // changed file makes it handshake afresh: the old root alone (the file as it was, but
+    // re-saved with a trailing newline, as a rewrite can) does not verify the new
+    // certificate...
+    std::fs::write(&ca.bundle, format!("{bundle}\n")).unwrap();
+    let err = issue().await.unwrap_err();
+    assert!(
+        err.contains("certificate") || err.contains("issuer"),
+        "the old bundle does not trust the new root: {err}"
+    );
+    // ...and the bundle the controller publishes after the rotation does.
+    std::fs::write(&ca.bundle, ca.issuer.bundle()).unwrap();
+    let reply = issue().await.expect("the new bundle is read");
+    assert_eq!(reply.bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    ca.task.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
