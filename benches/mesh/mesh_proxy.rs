@@ -5,7 +5,9 @@
 //! ```
 //!
 //! Environment: `MESH_BENCH_ROUNDS` (default 3), `MESH_BENCH_SECS` (each wrk run,
-//! default 5), `MESH_BENCH_FIXED_SECS` (the 1,000 requests/s latency run, default 5).
+//! default 5), `MESH_BENCH_FIXED_SECS` (the 1,000 requests/s latency run, default 5);
+//! `MESH_BENCH_HOLD=<secs>` only sets everything up and holds it (for `perf` and hand-run
+//! loads).
 //!
 //! Everything runs on 127.0.0.1 in the host's loopback (no namespace, no rule, no route is
 //! touched): an HTTP/1.1 server (this binary re-executed as a one-thread hyper server),
@@ -153,6 +155,15 @@ fn main() {
     for (name, port) in PATHS {
         let head = get_once(port);
         assert!(head.starts_with("HTTP/1.1 200"), "{name}: {head}");
+    }
+    // MESH_BENCH_HOLD=<secs>: keep everything up that long for a profiler and hand-run
+    // loads (ports below), then stop without measuring.
+    if let Some(hold) = std::env::var("MESH_BENCH_HOLD").ok().and_then(|v| v.parse().ok()) {
+        for (name, port) in PATHS {
+            eprintln!("holding: {name} on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(Duration::from_secs(hold));
+        return;
     }
     let versions = format!(
         "{}; {}",
