@@ -527,16 +527,28 @@ impl Server {
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
     ) -> Result<Server, ServerError> {
-        let wrap = |transport, source| ServerError::Bind {
-            transport,
-            addr: config.listen,
-            source,
-        };
-        udp.set_nonblocking(true).map_err(|e| wrap("UDP", e))?;
-        tcp.set_nonblocking(true).map_err(|e| wrap("TCP", e))?;
-        let udp = UdpSocket::from_std(udp).map_err(|e| wrap("UDP", e))?;
-        let tcp = TcpListener::from_std(tcp).map_err(|e| wrap("TCP", e))?;
+        let (udp, tcp) = adopt(&config, udp, tcp)?;
         Self::serve(config, Source::Snapshots(snapshots), None, udp, tcp)
+    }
+
+    /// Serves on sockets the caller bound, learning the cluster from its own watchers on the
+    /// API server behind `client`, as [`Server::bind_api`] (the path `fairlead dns` runs; the
+    /// sandbox's DNS pod uses it). Must run inside a Tokio runtime. Unlike `bind_api` it
+    /// leaves the process's allocator settings alone (the caller may be hosting more).
+    pub fn serve_sockets_api(
+        config: Config,
+        client: kube::Client,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<Server, ServerError> {
+        let (udp, tcp) = adopt(&config, udp, tcp)?;
+        Self::serve(
+            config,
+            Source::Api(client, Default::default()),
+            None,
+            udp,
+            tcp,
+        )
     }
 
     fn serve(
@@ -681,6 +693,25 @@ impl Server {
     pub fn cached_answers(&self) -> usize {
         self.shared.cached_answers()
     }
+}
+
+/// Sockets the caller bound, made non-blocking and handed to the runtime.
+fn adopt(
+    config: &Config,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+) -> Result<(UdpSocket, TcpListener), ServerError> {
+    let wrap = |transport, source| ServerError::Bind {
+        transport,
+        addr: config.listen,
+        source,
+    };
+    udp.set_nonblocking(true).map_err(|e| wrap("UDP", e))?;
+    tcp.set_nonblocking(true).map_err(|e| wrap("TCP", e))?;
+    Ok((
+        UdpSocket::from_std(udp).map_err(|e| wrap("UDP", e))?,
+        TcpListener::from_std(tcp).map_err(|e| wrap("TCP", e))?,
+    ))
 }
 
 /// UDP and TCP on one port. With port 0 the kernel picks the UDP port; TCP may find it taken,

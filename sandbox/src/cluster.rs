@@ -165,7 +165,7 @@ impl Sandbox {
                     client.clone(),
                 );
                 k.cgroup = crate::cgroup::node_dir(&config.name, &n.name);
-                k.snapshots = Some(cluster.subscribe());
+                k.dns = true;
                 k.mesh = Some(mesh.clone());
                 k
             })

@@ -53,8 +53,9 @@ pub struct Kubelet {
     pub cgroup: Option<PathBuf>,
     /// The mesh (CA), for pods that ask for a sidecar.
     pub mesh: Option<std::sync::Arc<crate::mesh::Mesh>>,
-    /// Snapshots for pods that run the cluster DNS.
-    pub snapshots: Option<tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>>>,
+    /// Whether pods labelled `k8s-app: kube-dns` run the cluster DNS (watching the API
+    /// server through `client`).
+    pub dns: bool,
 }
 
 /// What a pod's spec asks the kubelet to run.
@@ -116,7 +117,7 @@ impl Kubelet {
             agent_socket,
             node_ready: None,
             cgroup: None,
-            snapshots: None,
+            dns: false,
             mesh: None,
         }
     }
@@ -360,8 +361,8 @@ impl Kubelet {
             ),
             _ => None,
         };
-        let workload = match (&self.snapshots, declared.dns) {
-            (Some(snapshots), true) => workload::start_dns(&ns, id, snapshots.clone())?,
+        let workload = match (self.dns, declared.dns) {
+            (true, true) => workload::start_dns(&ns, id, self.client.clone()).await?,
             _ => workload::start(&ns, id, &declared.ports)?,
         };
         let pods: Api<k8s_openapi::api::core::v1::Pod> =

@@ -37,12 +37,14 @@ pub const DNS_PORT: u16 = 53;
 pub const DNS_ADMIN_PORT: u16 = 9153;
 
 /// Runs `fairlead dns` in pod namespace `ns`: UDP and TCP port 53 bound inside the pod,
-/// answering from the sandbox's snapshots. No upstream: the sandbox has no internet, so
-/// names outside the cluster zone get SERVFAIL.
-pub fn start_dns(
+/// answering from its own watchers on the sandbox's API server (`client`), the path `fairlead
+/// dns` runs on a cluster. Returns once it has listed the cluster (as a readiness probe on
+/// `/ready` would hold the pod back). No upstream: the sandbox has no internet, so names
+/// outside the cluster zone get SERVFAIL.
+pub async fn start_dns(
     ns: &str,
     id: Identity,
-    snapshots: tokio::sync::watch::Receiver<Arc<fairlead_core::Snapshot>>,
+    client: kube::Client,
 ) -> Result<Workload, crate::Error> {
     let fail = |e| crate::Error::Workload {
         pod: id.pod.clone(),
@@ -61,12 +63,21 @@ pub fn start_dns(
         udp_workers: 1,
         ..Default::default()
     };
-    let mut server = fairlead_dns::Server::serve_sockets(config, snapshots, udp, tcp)
+    let mut server = fairlead_dns::Server::serve_sockets_api(config, client, udp, tcp)
         .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
     // /metrics, /health, /ready, as CoreDNS serves them on 9153.
     server
         .start_admin_on(admin)
         .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !server.is_ready() {
+        if std::time::Instant::now() > deadline {
+            return Err(fail(std::io::Error::other(
+                "the cluster DNS did not list the cluster within 30 s",
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     Ok(Workload {
         tasks: Vec::new(),
         _dns: Some(server),
