@@ -158,7 +158,10 @@ fn main() {
     }
     // MESH_BENCH_HOLD=<secs>: keep everything up that long for a profiler and hand-run
     // loads (ports below), then stop without measuring.
-    if let Some(hold) = std::env::var("MESH_BENCH_HOLD").ok().and_then(|v| v.parse().ok()) {
+    if let Some(hold) = std::env::var("MESH_BENCH_HOLD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         for (name, port) in PATHS {
             eprintln!("holding: {name} on 127.0.0.1:{port}");
         }
