@@ -65,6 +65,11 @@ pub struct AgentConfig {
     /// the ConfigMap `fairlead-ca-bundle` the controller publishes),
     /// `FAIRLEAD_AGENT_MESH_TRUST_DOMAIN` (default `cluster.local`).
     pub mesh_ca: Option<MeshCaConfig>,
+    /// Where the node's sidecars reach the agent over TCP (`MESH-CERT`, `MESH-ROUTES` only,
+    /// from this node's pods only), bound inside `netns`: `FAIRLEAD_AGENT_MESH_LISTEN`, e.g.
+    /// `10.0.0.5:15012` (the chart passes the node's `status.hostIP`); unset: the status
+    /// socket only. What lets injected pods do without a hostPath volume.
+    pub mesh_listen: Option<std::net::SocketAddr>,
     /// Remove the CNI config when the agent stops. `FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN`,
     /// default `false`: on a rolling update the node keeps its config, and pods keep starting.
     pub uninstall_cni_on_shutdown: bool,
@@ -109,6 +114,7 @@ impl AgentConfig {
             ipam_data_dir: DEFAULT_IPAM_DATA_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
             metrics_listen: None,
+            mesh_listen: None,
             mtu: None,
             uninstall_cni_on_shutdown: false,
             service_lb: None,
@@ -196,6 +202,16 @@ impl AgentConfig {
             })?),
             None => Some(std::net::SocketAddr::from(([0, 0, 0, 0], 9962))),
         };
+        if let Some(v) = get(VAR_MESH_LISTEN) {
+            config.mesh_listen =
+                Some(fairlead_netns::mesh::parse_host_port(&v).ok_or_else(|| {
+                    invalid(
+                        VAR_MESH_LISTEN,
+                        &v,
+                        "use ADDRESS:PORT, the node's address (e.g. 10.0.0.5:15012)",
+                    )
+                })?);
+        }
         if let Some(url) = get(VAR_MESH_CA_URL) {
             if !url.starts_with("https://") {
                 return Err(invalid(
@@ -281,6 +297,7 @@ const VAR_SOCKET: &str = "FAIRLEAD_AGENT_SOCKET";
 const VAR_METRICS_LISTEN: &str = "FAIRLEAD_AGENT_METRICS_LISTEN";
 const VAR_MTU: &str = "FAIRLEAD_AGENT_MTU";
 const VAR_MESH_CA_URL: &str = "FAIRLEAD_AGENT_MESH_CA_URL";
+const VAR_MESH_LISTEN: &str = "FAIRLEAD_AGENT_MESH_LISTEN";
 const VAR_MESH_CA_BUNDLE: &str = "FAIRLEAD_AGENT_MESH_CA_BUNDLE";
 const VAR_MESH_TRUST_DOMAIN: &str = "FAIRLEAD_AGENT_MESH_TRUST_DOMAIN";
 const VAR_UNINSTALL_CNI_ON_SHUTDOWN: &str = "FAIRLEAD_AGENT_UNINSTALL_CNI_ON_SHUTDOWN";

@@ -20,13 +20,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `addr` inside `netns` and serves until the task is dropped.
 pub async fn serve(netns: &Path, addr: SocketAddr, datapath: Datapath) -> std::io::Result<()> {
-    let file = std::fs::File::open(netns)?;
-    let listener = fairlead_netns::run_in(std::os::fd::AsFd::as_fd(&file), || {
-        let l = std::net::TcpListener::bind(addr)?;
-        l.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(l)
-    })??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let listener = bind_in(netns, addr)?;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -81,4 +75,16 @@ async fn answer(mut stream: tokio::net::TcpStream, dp: Datapath) -> std::io::Res
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// A TCP listener on `addr` inside network namespace `netns` (the node's), served from the
+/// current runtime.
+pub(crate) fn bind_in(netns: &Path, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let file = std::fs::File::open(netns)?;
+    let listener = fairlead_netns::run_in(std::os::fd::AsFd::as_fd(&file), || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(l)
+    })??;
+    tokio::net::TcpListener::from_std(listener)
 }

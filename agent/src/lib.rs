@@ -67,6 +67,12 @@ pub enum AgentError {
          (restart it)"
     )]
     SnapshotsClosed,
+
+    #[error("cannot serve the node's sidecars on {addr} (FAIRLEAD_AGENT_MESH_LISTEN): {source}")]
+    MeshListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// One failed attempt to bring the node in line with a snapshot; retried with backoff.
@@ -172,12 +178,31 @@ impl Agent {
         }
         // From the configuration (the controller's CA) unless the caller brought its own.
         let mesh = mesh.or_else(|| config.mesh_ca.as_ref().map(mesh::MeshSettings::from_config));
+        let mut mesh_tcp = None;
+        let (stop_mesh_tcp, mesh_tcp_stopped) = oneshot::channel::<()>();
         if let Some(m) = mesh {
-            server = server.with_mesh(mesh::MeshService {
+            let service = mesh::MeshService {
                 issuer: m.issuer,
                 snapshots: snapshots.clone(),
                 trust_domain: m.trust_domain,
-            });
+            };
+            if let Some(addr) = config.mesh_listen {
+                let listener = http::bind_in(&config.netns, addr)
+                    .map_err(|source| AgentError::MeshListen { addr, source })?;
+                info!(%addr, "serving the node's sidecars over TCP too");
+                mesh_tcp = Some(tokio::spawn(
+                    mesh::serve_tcp(
+                        listener,
+                        service.clone(),
+                        config.node_name.clone(),
+                        async move {
+                            let _ = mesh_tcp_stopped.await;
+                        },
+                    )
+                    .in_current_span(),
+                ));
+            }
+            server = server.with_mesh(service);
         }
         let metrics = match (&datapath, config.metrics_listen) {
             (Some(dp), Some(addr)) => {
@@ -230,6 +255,10 @@ impl Agent {
         }
         let _ = stop_server.send(());
         let _ = server.await;
+        let _ = stop_mesh_tcp.send(());
+        if let Some(t) = mesh_tcp {
+            let _ = t.await;
+        }
         if let Some(m) = metrics {
             m.abort();
         }

@@ -7,6 +7,13 @@
 //!   answers `{"chain", "bundle"}` (PEM) or `ERROR <why>`.
 //! * `MESH-ROUTES [follow]`: the routing table ([`fairlead_proxy::routes::MeshRoutes`]) as
 //!   one JSON line, then with `follow` the whole table again on every change.
+//!
+//! Both are served on the agent's status socket (a hostPath mount, which Pod Security's
+//! `baseline` and `restricted` levels refuse) and, with `FAIRLEAD_AGENT_MESH_LISTEN`, over
+//! TCP on the node's address ([`serve_tcp`]): the injected sidecar dials its node's
+//! `status.hostIP`, so a meshed pod needs no host volume. The TCP side answers only these two
+//! requests and only this node's pods (by source address, in the node's pod CIDRs); a certificate still needs the
+//! pod's own ServiceAccount token, checked by the CA.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -157,6 +164,27 @@ pub fn routes_from_snapshot(snap: &Snapshot, trust_domain: &str) -> MeshRoutes {
 }
 
 impl MeshService {
+    /// Answers `line` if it is a mesh request (`MESH-CERT <json>`, `MESH-ROUTES [follow]`),
+    /// writing to `write`; `None` when it is something else.
+    pub async fn answer(
+        &self,
+        line: &str,
+        write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Option<std::io::Result<()>> {
+        use tokio::io::AsyncWriteExt;
+        let argument = |verb: &str| {
+            line.strip_prefix(verb)
+                .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+                .map(str::trim_start)
+        };
+        if let Some(json) = argument(crate::status::MESH_CERT_REQUEST) {
+            let reply = self.certificate(json).await;
+            return Some(write.write_all(reply.as_bytes()).await);
+        }
+        let mode = argument(crate::status::MESH_ROUTES_REQUEST)?;
+        Some(self.stream_routes(write, mode == "follow").await)
+    }
+
     /// `MESH-CERT`'s answer line (with its newline).
     pub async fn certificate(&self, json: &str) -> String {
         let request: CertRequest = match serde_json::from_str(json) {
@@ -204,4 +232,80 @@ impl MeshService {
             }
         }
     }
+}
+
+/// Serves `MESH-CERT` and `MESH-ROUTES` over TCP (see the module docs) until `shutdown`:
+/// one request line per connection, from an address that is a pod of node `node` in the
+/// current snapshot; anything else gets an `ERROR` line saying why.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    mesh: MeshService,
+    node: String,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let node = Arc::new(node);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (mesh, node) = (mesh.clone(), Arc::clone(&node));
+                    tokio::spawn(async move {
+                        if let Err(e) = answer_tcp(stream, peer, &mesh, &node).await {
+                            tracing::debug!(%peer, error = %e, "mesh client went away");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a mesh connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Whether `ip` is a pod address of `node`: inside one of its pod CIDRs. Not the pods in the
+/// snapshot: a sidecar asks before its pod's status (and so its address) has reached the
+/// agent, since it starts before the application.
+fn is_local_pod(snap: &Snapshot, node: &str, ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    snap.node(node)
+        .is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
+}
+
+async fn answer_tcp(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    mesh: &MeshService,
+    node: &str,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    if !is_local_pod(&mesh.snapshots.borrow(), node, peer.ip()) {
+        tracing::warn!(%peer, "mesh request from an address that is no pod of this node; refused");
+        write
+            .write_all(format!("ERROR {} is not a pod of node {node}\n", peer.ip()).as_bytes())
+            .await?;
+        return write.shutdown().await;
+    }
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(crate::status::MAX_REQUEST));
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reader.read_line(&mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line"))??;
+    let line = line.trim_end_matches(['\n', '\r']);
+    match mesh.answer(line, &mut write).await {
+        Some(result) => result?,
+        None => {
+            write
+                .write_all(b"ERROR only MESH-CERT and MESH-ROUTES are served here\n")
+                .await?
+        }
+    }
+    write.shutdown().await
 }

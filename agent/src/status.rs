@@ -52,7 +52,7 @@ pub const METRICS_REQUEST: &str = "METRICS";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request line read: a `MESH-CERT` carries a CSR and a token (a few KiB); the other
 /// requests are under 100 bytes.
-const MAX_REQUEST: u64 = 16 * 1024;
+pub(crate) const MAX_REQUEST: u64 = 16 * 1024;
 /// `MESH-CERT <json>`: a certificate for a sidecar of this node.
 pub const MESH_CERT_REQUEST: &str = "MESH-CERT";
 /// `MESH-ROUTES [follow]`: the mesh routing table, then (follow) every change.
@@ -241,17 +241,13 @@ async fn answer(
             }
         };
     }
-    if let Some(json) = argument(MESH_CERT_REQUEST) {
-        let reply = match mesh {
-            Some(m) => m.certificate(&json).await,
-            None => "ERROR this agent serves no mesh\n".to_owned(),
-        };
-        write.write_all(reply.as_bytes()).await?;
-        return write.shutdown().await;
-    }
-    if let Some(mode) = argument(MESH_ROUTES_REQUEST) {
+    if argument(MESH_CERT_REQUEST).is_some() || argument(MESH_ROUTES_REQUEST).is_some() {
         match mesh {
-            Some(m) => m.stream_routes(&mut write, mode == "follow").await?,
+            Some(m) => {
+                if let Some(result) = m.answer(line, &mut write).await {
+                    result?
+                }
+            }
             None => {
                 write
                     .write_all(b"ERROR this agent serves no mesh\n")

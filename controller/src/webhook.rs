@@ -22,24 +22,21 @@
 //! 15020 admin), startup and readiness probes on `GET /ready` at 15020, small resource
 //! requests, a non-root user with every capability dropped and a read-only root
 //! filesystem (the CNI plugin, not the proxy, installs the interception rules, so the
-//! proxy needs no `NET_ADMIN`), the node agent's socket directory (hostPath
-//! `/var/run/fairlead`), and a projected ServiceAccount token with audience `fairlead`
-//! that lives ten minutes (the kubelet refreshes it), with which the proxy will prove its
-//! identity to get its certificate. The pod's name, namespace and ServiceAccount reach it
-//! through the downward API, so pods made from a `generateName` get their real name.
+//! proxy needs no `NET_ADMIN`), and a projected ServiceAccount token with audience
+//! `fairlead` that lives ten minutes (the kubelet refreshes it), with which the proxy proves
+//! its identity to get its certificate. The pod's name, namespace, ServiceAccount and its
+//! node's address (`status.hostIP`) reach it through the downward API, so pods made from a
+//! `generateName` get their real name.
 //!
-//! The injected proxy runs on the agent path (`--agent-socket`): it gets its certificate
-//! and routes from its node agent. Open on a real cluster: the agent's hop to this
-//! controller's CA is not built, so the agent cannot answer `MESH-CERT` there yet and an
-//! injected pod's proxy fails its startup probe and the app does not start, which is the
-//! failure we want over an app running outside the mesh it asked for. The in-memory volume
-//! at [`CREDENTIALS_DIR`] is scratch space for file-based credentials (`--cert` and
-//! friends), unused on the agent path.
-//!
-//! Also open: the hostPath volume is what Pod Security Admission's `baseline` and
-//! `restricted` levels forbid, so a namespace enforcing either rejects injected pods; a CSI
-//! driver handing over the agent's socket (as the SPIFFE CSI driver does for SPIRE) would
-//! lift that.
+//! The injected proxy runs on the agent path: it gets its certificate and routes from its
+//! node agent over TCP at the node's address (`--agent-addr $(FAIRLEAD_PROXY_HOST_IP):15012`;
+//! the agent answers only its own node's pods there, and the CA only the pod's own token).
+//! No host volume: a hostPath mount of the agent's socket is what Pod Security Admission's
+//! `baseline` and `restricted` levels forbid, and the injected container meets
+//! `restricted`. Where the agent serves no mesh CA, the proxy fails its startup probe and
+//! the app does not start, which is the failure we want over an app running outside the
+//! mesh it asked for. The in-memory volume at [`CREDENTIALS_DIR`] is scratch space for
+//! file-based credentials (`--cert` and friends), unused on the agent path.
 //!
 //! Decisions: only Pod CREATE requests are looked at (everything else is allowed as is);
 //! `fairlead.io/inject` other than `"true"` means no sidecar; a pod that already has a
@@ -52,9 +49,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -72,19 +68,19 @@ use serde_json::{json, Value};
 /// proxy's own connections from the app's by socket owner (`meta skuid`): an unprivileged
 /// process cannot set `SO_MARK`, which needs `CAP_NET_ADMIN`.
 pub use fairlead_netns::mesh::{
-    ADMIN_PORT, INBOUND_PORT, INJECT_ANNOTATION, MODE_ANNOTATION, OPAQUE_PORTS_ANNOTATION,
-    OUTBOUND_PORT, PROXY_UID,
+    ADMIN_PORT, AGENT_MESH_PORT, INBOUND_PORT, INJECT_ANNOTATION, MODE_ANNOTATION,
+    OPAQUE_PORTS_ANNOTATION, OUTBOUND_PORT, PROXY_UID,
 };
 /// The injected container's name; its presence makes injection a no-op.
 pub const PROXY_CONTAINER: &str = "fairlead-proxy";
-/// The node agent's socket directory on the host, and where the proxy sees it.
-pub const AGENT_SOCKET_DIR: &str = "/var/run/fairlead";
+/// The environment variable the node's address (`status.hostIP`) reaches the proxy in; its
+/// agent listens there ([`AGENT_MESH_PORT`]).
+pub const HOST_IP_ENV: &str = "FAIRLEAD_PROXY_HOST_IP";
 /// Where the projected ServiceAccount token is mounted in the proxy.
 pub const TOKEN_DIR: &str = "/var/run/secrets/fairlead.io/serviceaccount";
 /// The in-memory volume for the proxy's certificate, key and bundle.
 pub const CREDENTIALS_DIR: &str = "/var/run/fairlead-proxy";
 /// The volumes injection adds.
-pub const VOLUME_AGENT: &str = "fairlead-agent-socket";
 pub const VOLUME_TOKEN: &str = "fairlead-token";
 pub const VOLUME_CREDENTIALS: &str = "fairlead-proxy-credentials";
 
@@ -120,13 +116,15 @@ impl Default for InjectConfig {
 }
 
 /// Arguments of the `fairlead-proxy` binary (see its `--help`): certificates and routes
-/// from the node agent's socket, proved by the projected token (namespace and
-/// ServiceAccount come from the downward-API environment); inbound mTLS on 15006 to the app
-/// at the port the client dialed, intercepted outbound on 15001, admin on 15020.
+/// from the node agent over TCP at the node's address (`$(FAIRLEAD_PROXY_HOST_IP)`, which
+/// the kubelet expands from the downward API's `status.hostIP`), proved by the projected
+/// token (namespace and ServiceAccount come from the downward-API environment); inbound mTLS
+/// on 15006 to the app at the port the client dialed, intercepted outbound on 15001, admin on
+/// 15020.
 pub fn default_proxy_args() -> Vec<String> {
     [
-        "--agent-socket".into(),
-        format!("{AGENT_SOCKET_DIR}/agent.sock"),
+        "--agent-addr".into(),
+        format!("$({HOST_IP_ENV}):{AGENT_MESH_PORT}"),
         "--token-file".into(),
         format!("{TOKEN_DIR}/token"),
         "--inbound".into(),
@@ -272,7 +270,7 @@ fn plan(pod: &Pod) -> Plan {
     if let Err(e) = per_pod_args(pod) {
         return Plan::Refuse(e);
     }
-    let ours = [VOLUME_AGENT, VOLUME_TOKEN, VOLUME_CREDENTIALS];
+    let ours = [VOLUME_TOKEN, VOLUME_CREDENTIALS];
     if let Some(clash) = spec
         .volumes
         .iter()
@@ -407,11 +405,7 @@ pub fn sidecar(config: &InjectConfig) -> Container {
                 value: Some(format!("{TOKEN_DIR}/token")),
                 ..Default::default()
             },
-            EnvVar {
-                name: "FAIRLEAD_PROXY_AGENT_SOCKET_DIR".into(),
-                value: Some(AGENT_SOCKET_DIR.into()),
-                ..Default::default()
-            },
+            field(HOST_IP_ENV, "status.hostIP"),
         ]),
         ports: Some(vec![
             port("fl-inbound", INBOUND_PORT),
@@ -447,7 +441,6 @@ pub fn sidecar(config: &InjectConfig) -> Container {
             ..Default::default()
         }),
         volume_mounts: Some(vec![
-            mount(VOLUME_AGENT, AGENT_SOCKET_DIR, true),
             mount(VOLUME_TOKEN, TOKEN_DIR, true),
             mount(VOLUME_CREDENTIALS, CREDENTIALS_DIR, false),
         ]),
@@ -458,16 +451,6 @@ pub fn sidecar(config: &InjectConfig) -> Container {
 /// The volumes the sidecar mounts.
 pub fn volumes(config: &InjectConfig) -> Vec<Volume> {
     vec![
-        Volume {
-            name: VOLUME_AGENT.into(),
-            host_path: Some(HostPathVolumeSource {
-                path: AGENT_SOCKET_DIR.into(),
-                // The agent makes it; a pod scheduled before the agent runs waits for it
-                // rather than getting an empty directory the agent never sees.
-                type_: Some("Directory".into()),
-            }),
-            ..Default::default()
-        },
         Volume {
             name: VOLUME_TOKEN.into(),
             projected: Some(ProjectedVolumeSource {

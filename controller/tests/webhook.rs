@@ -280,7 +280,7 @@ fn assert_sidecar(proxy: &Value) {
         .filter_map(Value::as_str)
         .collect();
     for flag in [
-        "--agent-socket",
+        "--agent-addr",
         "--token-file",
         "--inbound",
         "--outbound",
@@ -288,7 +288,12 @@ fn assert_sidecar(proxy: &Value) {
     ] {
         assert!(args.contains(&flag), "{flag} in {args:?}");
     }
-    assert!(args.contains(&"/var/run/fairlead/agent.sock"), "{args:?}");
+    // The node's agent at the node's address, expanded by the kubelet from the environment.
+    assert!(
+        args.contains(&"$(FAIRLEAD_PROXY_HOST_IP):15012"),
+        "{args:?}"
+    );
+    assert_eq!(field_of("FAIRLEAD_PROXY_HOST_IP"), "status.hostIP");
     assert!(
         args.contains(&"/var/run/secrets/fairlead.io/serviceaccount/token"),
         "{args:?}"
@@ -304,7 +309,11 @@ fn assert_sidecar(proxy: &Value) {
             )
         })
         .collect();
-    assert!(mounts.contains(&("fairlead-agent-socket", "/var/run/fairlead")));
+    // No host volume (Pod Security's baseline and restricted levels refuse hostPath).
+    assert!(
+        !mounts.iter().any(|(n, _)| n.contains("agent")),
+        "{mounts:?}"
+    );
     assert!(mounts.contains(&(
         "fairlead-token",
         "/var/run/secrets/fairlead.io/serviceaccount"
@@ -321,8 +330,15 @@ fn assert_volumes(spec: &Value) {
             .cloned()
             .unwrap_or_else(|| panic!("no volume {name} in {}", spec["volumes"]))
     };
-    let agent = volume("fairlead-agent-socket");
-    assert_eq!(agent["hostPath"]["path"], "/var/run/fairlead");
+    assert!(
+        !spec["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v.get("hostPath").is_some()),
+        "no hostPath volume: {}",
+        spec["volumes"]
+    );
     let token = volume("fairlead-token");
     let sat = &token["projected"]["sources"][0]["serviceAccountToken"];
     assert_eq!(sat["audience"], "fairlead");
@@ -346,12 +362,7 @@ async fn an_annotated_pod_gets_a_native_sidecar_first_and_only_once() -> anyhow:
     assert_eq!(names(&spec["containers"]), ["web"], "the app is untouched");
     assert_eq!(
         names(&spec["volumes"]),
-        [
-            "config",
-            "fairlead-agent-socket",
-            "fairlead-token",
-            "fairlead-proxy-credentials"
-        ]
+        ["config", "fairlead-token", "fairlead-proxy-credentials"]
     );
     assert_volumes(spec);
     // What the API server would store is a valid Pod.

@@ -24,6 +24,9 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The sidecar's admin port (probes, metrics); never intercepted.
 pub const ADMIN_PORT: u16 = 15020;
+/// The node agent's TCP port for its sidecars (`MESH-CERT`, `MESH-ROUTES`), on the node's
+/// address.
+pub const AGENT_MESH_PORT: u16 = 15012;
 /// `SO_MARK` of the proxy's own sockets, which the output rule lets pass (when the proxy
 /// may set it: that takes `CAP_NET_ADMIN`).
 pub const PROXY_MARK: u32 = 0x0fa1_1539;
@@ -32,6 +35,21 @@ pub const PROXY_MARK: u32 = 0x0fa1_1539;
 pub const PROXY_UID: u32 = 15000;
 /// The nftables table the ruleset creates.
 pub const TABLE: &str = "fairlead_mesh";
+
+/// `ADDRESS:PORT` as a node's address and a port are joined in a manifest
+/// (`$(HOST_IP):15012`): `10.0.0.5:15012`, `[fd00::5]:15012`, and also an IPv6 address
+/// without brackets (`fd00::5:15012`, the port after the last colon), which is what the
+/// kubelet makes of an IPv6 `status.hostIP`.
+pub fn parse_host_port(text: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Some(addr);
+    }
+    let (ip, port) = text.rsplit_once(':')?;
+    Some(std::net::SocketAddr::new(
+        ip.parse().ok()?,
+        port.parse().ok()?,
+    ))
+}
 
 /// Whether a pod's annotations ask for the mesh.
 pub fn wants_mesh<'a>(mut annotation: impl FnMut(&str) -> Option<&'a str>) -> bool {
@@ -142,6 +160,24 @@ fn find_nft() -> Option<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_takes_both_families_and_bare_ipv6() {
+        let p = |t| parse_host_port(t).map(|a| a.to_string());
+        assert_eq!(p("10.0.0.5:15012").as_deref(), Some("10.0.0.5:15012"));
+        assert_eq!(p("[fd00::5]:15012").as_deref(), Some("[fd00::5]:15012"));
+        assert_eq!(p("fd00::5:15012").as_deref(), Some("[fd00::5]:15012"));
+        for bad in [
+            "",
+            "10.0.0.5",
+            "10.0.0.5:",
+            "host:15012",
+            "10.0.0.5:70000",
+            ":15012",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_ruleset_skips_the_proxy_and_loopback() {

@@ -1,12 +1,14 @@
 //! The proxy's side of the node agent's socket: certificates (`MESH-CERT`) and the routing
 //! table (`MESH-ROUTES follow`). The proxy never talks to the API server; the agent of its
-//! node does, and hands the CA's answer and the cluster's routes on.
+//! node does, and hands the CA's answer and the cluster's routes on. The agent is reached on
+//! its Unix socket (a hostPath mount) or over TCP at the node's address (`status.hostIP`),
+//! which needs no host volume.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
@@ -20,20 +22,50 @@ pub use fairlead_controller::api::{CertReply, CertRequest};
 const MAX_LINE: u64 = 64 * 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client of the node agent's socket.
+/// Where the node agent listens for its sidecars.
+#[derive(Debug, Clone)]
+pub enum AgentAddr {
+    Socket(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for AgentAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddr::Socket(p) => write!(f, "{}", p.display()),
+            AgentAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A byte stream to the agent, either way.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// A client of the node agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    pub socket: PathBuf,
+    pub addr: AgentAddr,
 }
 
 impl AgentClient {
+    async fn connect(&self) -> Result<Box<dyn Conn>, String> {
+        let conn: std::io::Result<Box<dyn Conn>> = match &self.addr {
+            AgentAddr::Socket(p) => UnixStream::connect(p).await.map(|s| Box::new(s) as _),
+            // Marked (or, unprivileged, by its user) so the pod's interception lets it pass.
+            AgentAddr::Tcp(a) => crate::transparent::Dialer::here()
+                .connect(*a, true)
+                .await
+                .map(|s| Box::new(s) as _),
+        };
+        conn.map_err(|e| format!("the agent at {}: {e}", self.addr))
+    }
+
     /// A certificate for `request`'s CSR.
     pub async fn certificate(&self, request: &CertRequest) -> Result<CertReply, String> {
         let body = serde_json::to_string(request).map_err(|e| e.to_string())?;
         let attempt = async {
-            let mut s = UnixStream::connect(&self.socket)
-                .await
-                .map_err(|e| format!("the agent at {}: {e}", self.socket.display()))?;
+            let mut s = self.connect().await?;
             s.write_all(format!("MESH-CERT {body}\n").as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
@@ -70,14 +102,13 @@ impl AgentClient {
     }
 
     async fn stream_routes(&self, routes: &watch::Sender<Arc<MeshRoutes>>) -> Result<(), String> {
-        let mut s = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| format!("the agent at {}: {e}", self.socket.display()))?;
+        let mut s = self.connect().await?;
         s.write_all(b"MESH-ROUTES follow\n")
             .await
             .map_err(|e| e.to_string())?;
         let mut lines = BufReader::new(s).lines();
-        // The agent is the node's own (a root-owned socket): its lines are trusted in size.
+        // The agent is the node's own (a root-owned socket, or the node's address, which a
+        // pod's traffic to does not leave the node): its lines are trusted in size.
         while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
             if let Some(why) = line.strip_prefix("ERROR ") {
                 return Err(why.to_owned());

@@ -1,5 +1,5 @@
 //! `fairlead-proxy`: the sidecar as a process. Credentials and routes come from the node
-//! agent's socket (`--agent-socket`: a certificate for its own key, proved by the pod's
+//! agent (`--agent-socket`, or `--agent-addr` over TCP: a certificate for its own key, proved by the pod's
 //! ServiceAccount token and renewed at half its lifetime; the routing table, followed), or
 //! from PEM files for a fixed setup. The inbound listener terminates mTLS and hands
 //! connections to the application; the outbound listener either originates mTLS to fixed
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fairlead_controller::new_key_and_csr;
 use fairlead_proxy::admin::{self, Metrics, ProxyConfig};
-use fairlead_proxy::agent::{AgentCertSource, AgentClient};
+use fairlead_proxy::agent::{AgentAddr, AgentCertSource, AgentClient};
 use fairlead_proxy::inbound::{self, AppTarget, Authorization, InboundOptions, Mode};
 use fairlead_proxy::outbound::{self, Destination, Endpoint};
 use fairlead_proxy::rotation::{self, CertSource, CredentialStore};
@@ -28,8 +28,12 @@ use fairlead_proxy::{MeshTls, PeerId};
 )]
 struct Args {
     /// The node agent's socket: certificates and routes come from it.
-    #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "agent_addr"])]
     agent_socket: Option<PathBuf>,
+    /// The node agent over TCP, at the node's address (`$(HOST_IP):15012`, the downward
+    /// API's status.hostIP): as --agent-socket, without a host volume.
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle"], value_parser = agent_addr)]
+    agent_addr: Option<std::net::SocketAddr>,
     /// With `--agent-socket`: the pod's namespace (the downward API's metadata.namespace).
     #[arg(long, env = "FAIRLEAD_PROXY_POD_NAMESPACE")]
     namespace: Option<String>,
@@ -128,6 +132,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--agent-addr`: `IP:PORT`, an IPv6 address with or without brackets.
+fn agent_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    fairlead_netns::mesh::parse_host_port(text)
+        .ok_or_else(|| format!("{text:?} is not ADDRESS:PORT (e.g. 10.0.0.5:15012)"))
+}
+
 /// Where credentials and routes come from.
 enum Source {
     Files(MeshTls),
@@ -135,27 +145,33 @@ enum Source {
 }
 
 fn source(args: &Args) -> Result<Source, String> {
-    if let Some(socket) = &args.agent_socket {
+    let agent = match (&args.agent_socket, args.agent_addr) {
+        (Some(socket), _) => Some(AgentAddr::Socket(socket.clone())),
+        (None, Some(addr)) => Some(AgentAddr::Tcp(addr)),
+        (None, None) => None,
+    };
+    if let Some(addr) = agent {
         let (Some(namespace), Some(service_account)) =
             (args.namespace.clone(), args.service_account.clone())
         else {
             return Err(
-                "--agent-socket needs --namespace and --service-account (or \
+                "--agent-socket and --agent-addr need --namespace and --service-account (or \
                  FAIRLEAD_PROXY_POD_NAMESPACE and FAIRLEAD_PROXY_SERVICE_ACCOUNT)"
                     .into(),
             );
         };
         return Ok(Source::Agent(Arc::new(AgentCertSource {
-            client: AgentClient {
-                socket: socket.clone(),
-            },
+            client: AgentClient { addr },
             namespace,
             service_account,
             token_file: args.token_file.clone(),
         })));
     }
     let (Some(cert), Some(key), Some(bundle)) = (&args.cert, &args.key, &args.bundle) else {
-        return Err("credentials: give --agent-socket, or --cert, --key and --bundle".into());
+        return Err(
+            "credentials: give --agent-socket or --agent-addr, or --cert, --key and --bundle"
+                .into(),
+        );
     };
     MeshTls::from_pem(
         &read(cert, "certificate chain")?,
@@ -235,7 +251,7 @@ fn run(args: Args) -> Result<(), String> {
         ))
     } else if outbound_at.is_some() && agent.is_none() {
         return Err(
-            "--outbound needs --outbound-to, or --agent-socket for the routes of \
+            "--outbound needs --outbound-to, or --agent-socket/--agent-addr for the routes of \
              intercepted connections (use --outbound none to run inbound only)"
                 .into(),
         );

@@ -90,6 +90,11 @@ pub fn start(
         node.underlay_v4.into(),
         fairlead_agent::http::METRICS_PORT,
     ));
+    // The sidecars reach the agent over TCP at the node's address, as injected ones do.
+    config.mesh_listen = Some(std::net::SocketAddr::new(
+        node.underlay_v4.into(),
+        fairlead_netns::mesh::AGENT_MESH_PORT,
+    ));
     if let Some(parent) = config.socket.parent() {
         std::fs::create_dir_all(parent)?;
     }

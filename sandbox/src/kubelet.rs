@@ -254,6 +254,18 @@ impl Kubelet {
     }
 
     /// Brings the node's pods in line with the snapshot.
+    /// The node agent's TCP address for sidecars (the node's address, as `status.hostIP`).
+    fn agent_mesh_addr(&self) -> Result<std::net::SocketAddr, crate::Error> {
+        let ip: std::net::IpAddr = self.node_ip.parse().map_err(|_| crate::Error::Workload {
+            pod: String::new(),
+            source: std::io::Error::other(format!("node address {:?}", self.node_ip)),
+        })?;
+        Ok(std::net::SocketAddr::new(
+            ip,
+            fairlead_netns::mesh::AGENT_MESH_PORT,
+        ))
+    }
+
     pub async fn sync(&mut self, snap: &Snapshot) {
         self.sync_node().await;
         let wanted: HashMap<String, (String, String, Declared)> = snap
@@ -352,7 +364,7 @@ impl Kubelet {
         // already pointed the pod's TCP at it.
         let sidecar = match (&self.mesh, &declared.sidecar) {
             (Some(mesh), Some(pod)) => Some(
-                mesh.start_sidecar(&ns, pod, &self.agent_socket)
+                mesh.start_sidecar(&ns, pod, self.agent_mesh_addr()?)
                     .await
                     .map_err(|e| crate::Error::Workload {
                         pod: name.into(),

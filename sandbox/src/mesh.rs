@@ -139,13 +139,14 @@ impl Mesh {
         )
     }
 
-    /// Starts `pod`'s sidecar in `pod_netns`, talking to the agent at `agent_socket`, and
-    /// waits until it is ready (it has its certificate and listens).
+    /// Starts `pod`'s sidecar in `pod_netns`, talking to its node's agent over TCP at
+    /// `agent` (the node's address, as an injected sidecar does), and waits until it is
+    /// ready (it has its certificate and listens).
     pub async fn start_sidecar(
         self: &Arc<Self>,
         pod_netns: &str,
         pod: &Pod,
-        agent_socket: &Path,
+        agent: std::net::SocketAddr,
     ) -> anyhow::Result<Sidecar> {
         anyhow::ensure!(
             self.proxy.is_file(),
@@ -177,8 +178,7 @@ impl Mesh {
             .unwrap_or_else(|| "strict".into());
         let netns_file = std::fs::File::open(netns::path(pod_netns))?;
         let mut cmd = Command::new(&self.proxy);
-        cmd.arg("--agent-socket")
-            .arg(agent_socket)
+        cmd.args(["--agent-addr", &agent.to_string()])
             .args(["--namespace", &pod.namespace])
             .args(["--service-account", &pod.service_account])
             .arg("--token-file")

@@ -140,6 +140,7 @@ fn chart_renders_valid_objects() {
         "name: fairlead-ca-bundle",
         "value: \"192.0.2.53\"",
         "value: /proc/1/ns/net",
+        "value: \"$(HOST_IP):15012\"",
     ] {
         assert!(rendered.contains(want), "{want} missing:\n{rendered}");
     }

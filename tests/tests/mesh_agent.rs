@@ -324,3 +324,87 @@ async fn the_agent_follows_the_bundle_file_through_a_root_rotation() {
     ca.task.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The agent's TCP side for sidecars without the host socket: only this node's pods (by
+/// source address in the node's pod CIDRs) and only the two mesh requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_tcp_side_serves_only_its_pods_and_only_mesh_requests() {
+    use tokio::io::AsyncReadExt;
+    let node = |cidr: &str| {
+        let n: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}
+        }))
+        .unwrap();
+        fairlead_core::Node::try_from(&n).unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("fairlead-mesh-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = controller_ca(&dir).await;
+    let ask = |snap: Snapshot, line: &'static str| {
+        let settings = MeshSettings {
+            issuer: Arc::clone(&ca.settings.issuer),
+            trust_domain: "cluster.local".into(),
+        };
+        async move {
+            let (_tx, rx) = tokio::sync::watch::channel(Arc::new(snap));
+            let service = MeshService {
+                issuer: settings.issuer,
+                snapshots: rx,
+                trust_domain: settings.trust_domain,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let served = tokio::spawn(fairlead_agent::mesh::serve_tcp(
+                listener,
+                service,
+                "n1".into(),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(line.as_bytes()).await.unwrap();
+            let mut first = String::new();
+            let mut buf = [0u8; 4096];
+            // The first line is enough (MESH-ROUTES follow would keep streaming).
+            while !first.contains('\n') {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .expect("an answer")
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+                first.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            let _ = stop.send(());
+            served.await.unwrap();
+            first
+        }
+    };
+    // 127.0.0.1 is no pod of a node whose pods are in 10.244.1.0/24.
+    let snap = || Snapshot::builder().node(node("10.244.1.0/24")).build();
+    let refused = ask(snap(), "MESH-ROUTES\n").await;
+    assert!(
+        refused.starts_with("ERROR 127.0.0.1 is not a pod of node n1"),
+        "{refused}"
+    );
+    // A node whose pod CIDR holds the client's address: routes flow, nothing else does.
+    let local = || Snapshot::builder().node(node("127.0.0.0/8")).build();
+    let routes = ask(local(), "MESH-ROUTES\n").await;
+    assert!(routes.starts_with('{'), "{routes}");
+    let status = ask(local(), "STATUS\n").await;
+    assert!(
+        status.starts_with("ERROR only MESH-CERT and MESH-ROUTES are served here"),
+        "{status}"
+    );
+    let garbage = ask(local(), "MESH-CERT {not json\n").await;
+    assert!(
+        garbage.starts_with("ERROR the certificate request is not"),
+        "{garbage}"
+    );
+    ca.task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
