@@ -1,11 +1,12 @@
 //! The mesh end to end in the sandbox: pods annotated `fairlead.io/inject: "true"` get a
 //! sidecar with a certificate for their ServiceAccount from the mesh CA; a meshed client
-//! calls a meshed server by its Service address in plain HTTP, and the server's application
-//! sees the client's SPIFFE ID; a client without a sidecar is refused by the strict server;
-//! a permissive server takes plain text without an identity; raw TCP of a server-speaks-first
-//! app on an opaque port passes at once; HTTP/2 and gRPC (a grpcio client) pass too; certificates rotate under steady traffic with no
-//! failed request; a meshed client reaches a pod outside the mesh in the clear; the sidecar's
-//! admin port answers.
+//! calls a meshed server by its Service address and by its Service name in plain HTTP, and
+//! the server's application sees the client's SPIFFE ID; a client without a sidecar is
+//! refused by the strict server; a permissive server takes plain text without an identity;
+//! raw TCP of a server-speaks-first app on an opaque port passes at once; HTTP/2 and gRPC
+//! (a grpcio client) pass too; certificates rotate under steady traffic with no failed
+//! request; a meshed client reaches a pod outside the mesh in the clear; the sidecar's admin
+//! port answers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -343,9 +344,18 @@ async fn meshed_pods_talk_mtls_with_identities() {
                 "gRPC through the mesh: {reply} {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            // Both counted as requests from cart, as the HTTP/1.1 ones were.
+            // By the Service's name, as an app calls it: the pod's resolv.conf and the cluster
+            // DNS (UDP, not intercepted) give the ClusterIP, and the sidecar does the rest.
+            let out = common::curl_in_pod(name, &ns("cart"), "http://catalog.shop/by-name");
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                body.contains("path=/by-name identity=spiffe://cluster.local/ns/shop/sa/cart"),
+                "by name: {body} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // All counted as requests from cart, as the HTTP/1.1 ones were.
             let metrics = admin("catalog", "/metrics");
-            let want = want.replace(&format!("}} {}", 7 + sent), &format!("}} {}", 9 + sent));
+            let want = want.replace(&format!("}} {}", 7 + sent), &format!("}} {}", 10 + sent));
             assert!(metrics.contains(&want), "{want}\n{metrics}");
         }
         .boxed()
