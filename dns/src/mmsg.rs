@@ -21,6 +21,7 @@ impl Batch {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }

@@ -785,7 +785,11 @@ async fn udp_loop(
         // Latency is from here to the answer handed to the socket (every answer is timed;
         // dropped packets are not).
         let start = Instant::now();
+        // At most a batch of datagrams per turn, counted as received (not answered), so a
+        // flood, even of queries that are dropped, never keeps the loop from yielding.
+        let mut taken = 0;
         while let Some((n, peer)) = next.take() {
+            taken += 1;
             udp_query(
                 &shared,
                 &socket,
@@ -795,7 +799,7 @@ async fn udp_loop(
                 &mut out,
                 &mut batch,
             );
-            if batch.len() < UDP_BATCH {
+            if taken < UDP_BATCH {
                 next = socket.try_recv_from(&mut buf).ok();
             }
         }
