@@ -196,6 +196,11 @@ impl Sandbox {
         Ok(self.api.apply_manifests(path)?)
     }
 
+    /// The sandbox's mesh (its CA and sidecars).
+    pub fn mesh(&self) -> &Arc<crate::mesh::Mesh> {
+        &self.mesh
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.cluster.current()
     }

@@ -246,6 +246,29 @@ impl Mesh {
         }
     }
 
+    /// A certificate for `namespace/service_account`'s key (`csr_pem`), as its sidecar gets
+    /// one: a TokenRequest token, checked by the CA. (Tests make good and bad clients with
+    /// it.)
+    pub async fn issue_for(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        csr_pem: &str,
+    ) -> anyhow::Result<fairlead_controller::Issued> {
+        let token = self.token(namespace, service_account).await?;
+        let id = SpiffeId::new(
+            &self.issuer.config().trust_domain,
+            namespace,
+            service_account,
+        );
+        Ok(self.issuer.issue(&token, csr_pem, &id).await?)
+    }
+
+    /// The mesh CA.
+    pub fn issuer(&self) -> &Arc<CertIssuer> {
+        &self.issuer
+    }
+
     async fn token(&self, namespace: &str, service_account: &str) -> anyhow::Result<String> {
         let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.client.clone(), namespace);

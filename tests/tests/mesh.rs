@@ -2,7 +2,9 @@
 //! sidecar with a certificate for their ServiceAccount from the mesh CA; a meshed client
 //! calls a meshed server by its Service address and by its Service name in plain HTTP, and
 //! the server's application sees the client's SPIFFE ID; a client without a sidecar is
-//! refused by the strict server; a permissive server takes plain text without an identity;
+//! refused by the strict server, and so are a client certificate from another trust domain,
+//! an expired one and one naming no workload; a permissive server takes plain text without
+//! an identity;
 //! raw TCP of a server-speaks-first app on an opaque port passes at once; HTTP/2 and gRPC
 //! (a grpcio client) pass too; certificates rotate under steady traffic with no failed
 //! request; a meshed client reaches a pod outside the mesh in the clear; the sidecar's admin
@@ -10,6 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -83,6 +86,15 @@ with grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
     sys.stdout.write(call(b"who am I", timeout=5).decode())
 "#;
 
+/// Connections the sidecar's inbound refused, whatever the reason.
+fn refusals(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("fairlead_proxy_inbound_refused_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// A plain HTTP GET from inside `ns`; the answer's last line.
 fn get(ns: &str, to: SocketAddr) -> Result<String, String> {
     netns::run_in(ns, move || {
@@ -100,6 +112,123 @@ fn get(ns: &str, to: SocketAddr) -> Result<String, String> {
             .ok_or_else(|| format!("no answer from {to}: {out:?}"))
     })
     .map_err(|e| e.to_string())?
+}
+
+/// An mTLS request with `tls`'s certificate from inside `pod_ns` (a pod outside the mesh,
+/// so nothing intercepts it) to `to`, a meshed pod's app port (its sidecar's inbound takes
+/// it); the app's answer line, or why there was none.
+async fn mtls_from(
+    pod_ns: &str,
+    to: SocketAddr,
+    tls: &fairlead_proxy::MeshTls,
+) -> Result<String, String> {
+    let netns_file = std::fs::File::open(netns::path(pod_ns)).map_err(|e| e.to_string())?;
+    let dialer =
+        fairlead_proxy::transparent::Dialer::in_netns(netns_file).map_err(|e| e.to_string())?;
+    let mut s = fairlead_proxy::outbound::connect(tls, to, vec![], &dialer)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    get_over(&mut s).await
+}
+
+/// Accepts any server certificate: the client side of [`raw_mtls_from`] only has to get as
+/// far as presenting its own.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// As [`mtls_from`], with a plain rustls client presenting `chain_pem`/`key_pem` whatever
+/// they name.
+async fn raw_mtls_from(
+    pod_ns: &str,
+    to: SocketAddr,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    let netns_file = std::fs::File::open(netns::path(pod_ns)).map_err(|e| e.to_string())?;
+    let dialer =
+        fairlead_proxy::transparent::Dialer::in_netns(netns_file).map_err(|e| e.to_string())?;
+    let tcp = dialer.connect(to, false).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("catalog.shop.svc").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    get_over(&mut s).await
+}
+
+/// A GET over an established (TLS) stream; the app's answer line, or why there was none.
+async fn get_over(
+    s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /bad-cert HTTP/1.1\r\nhost: catalog\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match read {
+        Ok(Ok(_)) if text.contains("pod=") => Ok(text.lines().last().unwrap_or("").to_owned()),
+        Ok(Ok(_)) => Err(format!("no answer: {text:?}")),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Err(_) => Err("no answer within 3 s".into()),
+    }
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -223,6 +352,12 @@ async fn meshed_pods_talk_mtls_with_identities() {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
+            // A certificate that will have expired after the steady traffic below (the
+            // sandbox's CA issues for CERT_TTL here).
+            let mesh = sandbox.mesh().clone();
+            let bundle = mesh.issuer().bundle();
+            let (soon_key, csr) = fairlead_controller::new_key_and_csr().unwrap();
+            let soon = mesh.issue_for("shop", "cart", &csr).await.unwrap();
             let (cart0, catalog0) = (generation("cart"), generation("catalog"));
             let until = Instant::now() + CERT_TTL + Duration::from_secs(2);
             let mut sent = 0;
@@ -240,6 +375,65 @@ async fn meshed_pods_talk_mtls_with_identities() {
             assert!(
                 cart1 > cart0 && catalog1 > catalog0,
                 "both sidecars renewed during {sent} requests: cart {cart0}->{cart1}, catalog {catalog0}->{catalog1}"
+            );
+
+            // Bad client certificates, presented by a pod outside the mesh straight to the
+            // strict server's sidecar, are each refused; a good one from the same pod passes
+            // (so the refusals are the certificates', not the path's).
+            let to = SocketAddr::new(v4("catalog"), 8080);
+            let (key, csr) = fairlead_controller::new_key_and_csr().unwrap();
+            let good = mesh.issue_for("shop", "cart", &csr).await.unwrap();
+            let good = fairlead_proxy::MeshTls::from_pem(&good.chain_pem, &key, &bundle).unwrap();
+            let line = mtls_from(&ns("plain"), to, &good).await.unwrap();
+            assert_eq!(
+                field(&line, "identity"),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                "{line}"
+            );
+            let refused_before = refusals(&admin("catalog", "/metrics"));
+            // Another trust domain (the client trusts the mesh's roots too, so only the
+            // server's check can refuse it).
+            let other = fairlead_controller::Ca::generate("evil.example", Duration::from_secs(3600))
+                .unwrap();
+            let (key, csr) = fairlead_controller::new_key_and_csr().unwrap();
+            let leaf = other
+                .issue(
+                    &csr,
+                    &fairlead_controller::SpiffeId::new("evil.example", "shop", "cart"),
+                    Duration::from_secs(3600),
+                )
+                .unwrap();
+            let foreign = fairlead_proxy::MeshTls::from_pem(
+                &leaf.chain_pem,
+                &key,
+                &format!("{}{bundle}", other.cert_pem()),
+            )
+            .unwrap();
+            let r = mtls_from(&ns("plain"), to, &foreign).await;
+            assert!(r.is_err(), "another trust domain got through: {r:?}");
+            // Expired: the mesh CA's own certificate for cart, past its life.
+            let expired =
+                fairlead_proxy::MeshTls::from_pem(&soon.chain_pem, &soon_key, &bundle).unwrap();
+            let r = mtls_from(&ns("plain"), to, &expired).await;
+            assert!(r.is_err(), "an expired certificate got through: {r:?}");
+            // The wrong identity: signed by the mesh CA, but naming no workload (a serving
+            // certificate for a DNS name, no SPIFFE ID).
+            let (leaf, key) = mesh
+                .issuer()
+                .issue_serving(&["catalog.shop.svc".to_owned()], Duration::from_secs(3600))
+                .unwrap();
+            // The proxy library will not load such a certificate, so a plain rustls client
+            // presents it.
+            assert!(fairlead_proxy::MeshTls::from_pem(&leaf.chain_pem, &key, &bundle).is_err());
+            let r = raw_mtls_from(&ns("plain"), to, &leaf.chain_pem, &key).await;
+            assert!(
+                r.is_err(),
+                "a certificate without a SPIFFE ID got through: {r:?}"
+            );
+            let refused_after = refusals(&admin("catalog", "/metrics"));
+            assert!(
+                refused_after >= refused_before + 3,
+                "the sidecar counted the refusals: {refused_before} -> {refused_after}"
             );
 
             // A permissive server (migrating into the mesh) takes plain text, without any
@@ -297,12 +491,13 @@ async fn meshed_pods_talk_mtls_with_identities() {
             );
             let config = admin("legacy", "/config");
             assert!(config.contains("\"mode\":\"permissive\""), "{config}");
-            // Every request cart made to catalog's app over IPv4: 2 by the Service (one from
-            // the pod's cgroup), 5 by pod address, and the steady traffic.
+            // Every request with cart's identity to catalog's app over IPv4: 2 by the Service
+            // (one from the pod's cgroup), 5 by pod address, the steady traffic, and the one
+            // from the plain pod with a good certificate for cart.
             let metrics = admin("catalog", "/metrics");
             let want = format!(
                 "fairlead_proxy_requests_total{{direction=\"inbound\",peer=\"spiffe://cluster.local/ns/shop/sa/cart\",route=\"127.0.0.1:8080\",status_class=\"2xx\"}} {}",
-                7 + sent
+                8 + sent
             );
             assert!(metrics.contains(&want), "{want}\n{metrics}");
 
@@ -355,7 +550,7 @@ async fn meshed_pods_talk_mtls_with_identities() {
             );
             // All counted as requests from cart, as the HTTP/1.1 ones were.
             let metrics = admin("catalog", "/metrics");
-            let want = want.replace(&format!("}} {}", 7 + sent), &format!("}} {}", 10 + sent));
+            let want = want.replace(&format!("}} {}", 8 + sent), &format!("}} {}", 11 + sent));
             assert!(metrics.contains(&want), "{want}\n{metrics}");
         }
         .boxed()
