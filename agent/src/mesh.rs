@@ -234,6 +234,10 @@ impl MeshService {
     }
 }
 
+/// Connections the TCP side serves at once: a routes stream per sidecar (a node runs at most
+/// a few hundred pods) and short certificate requests.
+pub const MAX_TCP_CLIENTS: usize = 2048;
+
 /// Serves `MESH-CERT` and `MESH-ROUTES` over TCP (see the module docs) until `shutdown`:
 /// one request line per connection, from an address that is a pod of node `node` in the
 /// current snapshot; anything else gets an `ERROR` line saying why.
@@ -245,13 +249,22 @@ pub async fn serve_tcp(
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
     let node = Arc::new(node);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // A bound on connections (each sidecar holds one routes stream), so a
+                    // pod that opens thousands costs refusals, not the agent's memory.
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        tracing::warn!(%peer, limit = MAX_TCP_CLIENTS, "too many mesh connections; refused");
+                        drop(stream);
+                        continue;
+                    };
                     let (mesh, node) = (mesh.clone(), Arc::clone(&node));
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = answer_tcp(stream, peer, &mesh, &node).await {
                             tracing::debug!(%peer, error = %e, "mesh client went away");
                         }
