@@ -171,6 +171,19 @@ impl Agent {
             ),
             None => None,
         };
+        // The sidecars' TCP side, bound before the socket so a failure leaves nothing behind.
+        let mesh_listener = match config.mesh_listen {
+            Some(addr) if mesh.is_some() || config.mesh_ca.is_some() => Some((
+                addr,
+                http::bind_in(&config.netns, addr)
+                    .map_err(|source| AgentError::MeshListen { addr, source })?,
+            )),
+            Some(addr) => {
+                warn!(%addr, "FAIRLEAD_AGENT_MESH_LISTEN is set, but this agent serves no mesh (FAIRLEAD_AGENT_MESH_CA_URL is not set): not listening");
+                None
+            }
+            None => None,
+        };
         let mut server =
             StatusServer::bind(&config.socket, readiness_rx)?.with_reaper(reaper.clone());
         if let Some(dp) = &datapath {
@@ -186,9 +199,7 @@ impl Agent {
                 snapshots: snapshots.clone(),
                 trust_domain: m.trust_domain,
             };
-            if let Some(addr) = config.mesh_listen {
-                let listener = http::bind_in(&config.netns, addr)
-                    .map_err(|source| AgentError::MeshListen { addr, source })?;
+            if let Some((addr, listener)) = mesh_listener {
                 info!(%addr, "serving the node's sidecars over TCP too");
                 mesh_tcp = Some(tokio::spawn(
                     mesh::serve_tcp(
