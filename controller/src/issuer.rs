@@ -202,7 +202,11 @@ impl CertIssuer {
         next: Option<&Next>,
         previous: &[(String, OffsetDateTime)],
     ) -> Result<(), IssueError> {
-        let mut secret = secret_of(&self.config, current, next, previous);
+        // The stored object keeps its metadata (labels, annotations a user or a tool set);
+        // only the data is ours. The resourceVersion is the one this state was read at, so a
+        // change in between fails the write (409).
+        let mut secret = self.secrets().get(&self.config.secret).await?;
+        secret.data = secret_of(&self.config, current, next, previous).data;
         secret.metadata.resource_version = self.read().resource_version.clone();
         let stored = self
             .secrets()

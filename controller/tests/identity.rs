@@ -198,6 +198,16 @@ async fn a_staged_rotation_reaches_bundle_cabundle_and_serving_cert_in_order() -
     let old_root = issuer.signing_root();
     assert_eq!(published().await, (old_root.clone(), old_root.clone()));
 
+    // A label someone put on the CA's Secret survives the rotation's writes.
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), "fairlead-system");
+    secrets
+        .patch(
+            "fairlead-ca",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"team": "platform"}}})),
+        )
+        .await?;
     // Another process stages a rotation, as `fairlead-controller rotate-root` does: the next
     // root signs in 2 s, the old one is trusted 2 s past that.
     let admin = CertIssuer::load_or_create(client.clone(), IssuerConfig::default()).await?;
@@ -256,5 +266,12 @@ async fn a_staged_rotation_reaches_bundle_cabundle_and_serving_cert_in_order() -
     tokio::time::sleep(Duration::from_millis(2100)).await;
     sync.tick().await.map_err(anyhow::Error::msg)?;
     assert_eq!(published().await, (new_root.clone(), new_root));
+    let labels = secrets
+        .get("fairlead-ca")
+        .await?
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(labels.get("team").map(String::as_str), Some("platform"));
     Ok(())
 }
