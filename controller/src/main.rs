@@ -221,7 +221,18 @@ async fn run(args: Args) -> Result<(), String> {
         serving.as_ref().and(args.webhook_config.clone()),
         serving,
     );
-    sync.tick().await?;
+    // Replicas starting together race on the same objects; a write that lost (409) is
+    // simply done again from what the winner wrote.
+    for attempt in 1.. {
+        match sync.tick().await {
+            Ok(()) => break,
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "bringing the trust bundle in step; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     tokio::spawn(sync.run(Duration::from_secs(args.ca_sync_secs)));
     let tls = tls.tls_config().map_err(|e| e.to_string())?;
     let mut inject = InjectConfig::default();

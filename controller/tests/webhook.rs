@@ -647,19 +647,7 @@ async fn the_serving_certificate_is_for_the_webhook_service_only() -> anyhow::Re
 /// webhook configuration's caBundle, and injects with that certificate.
 #[tokio::test]
 async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
-    let api = ApiServer::start("127.0.0.1:0".parse()?, ServerConfig::default()).await?;
-    let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
-    api.create(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "fairlead-sidecar-injector"},
-        "webhooks": [{
-            "name": "inject.fairlead.io",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "clientConfig": {"service": {"name": "fairlead-controller", "namespace": "fairlead-system", "path": "/mutate-pods", "port": 443}}
-        }]
-    }))?;
+    let (api, client) = api_with_webhook_config().await?;
     let dir = std::env::temp_dir().join(format!("fairlead-controller-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // Removed also when an assertion below fails.
@@ -687,20 +675,7 @@ async fn the_binary_sets_its_ca_bundle_and_injects() -> anyhow::Result<()> {
     let hooks: kube::Api<
         k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
     > = kube::Api::all(client.clone());
-    let mut bundle = None;
-    for _ in 0..200 {
-        let config = hooks.get("fairlead-sidecar-injector").await?;
-        if let Some(b) = config.webhooks.unwrap_or_default()[0]
-            .client_config
-            .ca_bundle
-            .clone()
-        {
-            bundle = Some(String::from_utf8(b.0)?);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let bundle = bundle.expect("the controller wrote caBundle within 20 s");
+    let bundle = first_ca_bundle(&hooks).await?;
     // The trust bundle is published for the node agents too.
     let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(client.clone(), "fairlead-system");
@@ -859,4 +834,107 @@ async fn a_renewed_certificate_file_is_served_from_the_next_handshake() -> anyho
     assert_eq!(presented().await, leaf_der(&fourth.chain_pem), "set");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Two replicas started at the same moment (as a Deployment with `replicas: 2` starts them)
+/// settle on one CA: one Secret, one root in the bundle and in caBundle, and both serve the
+/// webhook with a certificate that caBundle verifies. No leader is needed.
+#[tokio::test]
+async fn two_replicas_started_together_share_one_ca() -> anyhow::Result<()> {
+    let (api, client) = api_with_webhook_config().await?;
+    let dir = std::env::temp_dir().join(format!("fairlead-controller-two-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    let addrs = [
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+    ];
+    let children: Vec<Killed> = addrs
+        .iter()
+        .map(|addr| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_fairlead-controller"))
+                .env("KUBECONFIG", &kubeconfig)
+                .args([
+                    format!("--listen={addr}"),
+                    "--webhook-config=fairlead-sidecar-injector".into(),
+                    "--ca-sync-secs=1".into(),
+                ])
+                .spawn()
+                .map(Killed)
+        })
+        .collect::<Result<_, _>>()?;
+    let hooks: kube::Api<
+        k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    > = kube::Api::all(client.clone());
+    let bundle = first_ca_bundle(&hooks).await?;
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "one root");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, "fairlead-system");
+    let stored = secrets.get("fairlead-ca").await?.data.unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&stored["ca.crt"].0).trim(),
+        bundle.trim(),
+        "the Secret's root is the one published"
+    );
+    for addr in addrs {
+        let hook = Webhook {
+            addr,
+            connector: connector(&bundle)?,
+            task: None,
+            _child: None,
+            _api: None,
+        };
+        let mut served = false;
+        for _ in 0..100 {
+            if hook.tls(DNS_NAME).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "the replica on {addr} serves a certificate caBundle verifies"
+        );
+    }
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The embedded API server with the chart's MutatingWebhookConfiguration (no caBundle yet).
+async fn api_with_webhook_config() -> anyhow::Result<(ApiServer, kube::Client)> {
+    let api = ApiServer::start("127.0.0.1:0".parse()?, ServerConfig::default()).await?;
+    let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
+    api.create(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "fairlead-sidecar-injector"},
+        "webhooks": [{
+            "name": "inject.fairlead.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "clientConfig": {"service": {"name": "fairlead-controller", "namespace": "fairlead-system", "path": "/mutate-pods", "port": 443}}
+        }]
+    }))?;
+    Ok((api, client))
+}
+
+/// The caBundle a controller writes into that configuration, waited for up to 20 s.
+async fn first_ca_bundle(
+    hooks: &kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>,
+) -> anyhow::Result<String> {
+    for _ in 0..200 {
+        let config = hooks.get("fairlead-sidecar-injector").await?;
+        if let Some(b) = config.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+        {
+            return Ok(String::from_utf8(b.0)?);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no caBundle within 20 s")
 }
