@@ -823,6 +823,7 @@ fn main() {
         );
     }
 
+    sweep_stale_runs();
     let pid = std::process::id();
     let netns = format!("fl-dnsbench-{pid}");
     let dir = std::env::temp_dir().join(format!("fl-dnsbench-{pid}"));
@@ -997,4 +998,30 @@ fn run(env: &Env, rounds: usize, peers: &[&'static str], mut notes: Vec<String>)
         writeln!(stdout, "note: {n}").unwrap();
     }
     !all.iter().flatten().any(|x| x.wrong)
+}
+
+/// Removes what an earlier run killed outright (SIGKILL, a machine restart) left behind:
+/// `fl-dnsbench-<pid>` namespaces and directories whose pid no longer runs, with no process
+/// inside. Never anything of a run that is still alive.
+fn sweep_stale_runs() {
+    let alive = |pid: &str| std::path::Path::new("/proc").join(pid).exists();
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let names = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in names.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(pid) = name.strip_prefix("fl-dnsbench-") else {
+            continue;
+        };
+        let busy = Command::new("ip")
+            .args(["netns", "pids", name])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(true);
+        if !alive(pid) && !busy {
+            eprintln!("removing {name}, left by a run that was killed");
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(name));
+        }
+    }
 }
