@@ -8,15 +8,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
 use crate::datapath::Datapath;
 
 /// The agent's metrics port (Cilium's agent uses the same).
 pub const METRICS_PORT: u16 = 9962;
-const MAX_REQUEST: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `addr` inside `netns` and serves until the task is dropped.
 pub async fn serve(netns: &Path, addr: SocketAddr, datapath: Datapath) -> std::io::Result<()> {
@@ -40,21 +38,7 @@ pub async fn serve(netns: &Path, addr: SocketAddr, datapath: Datapath) -> std::i
 }
 
 async fn answer(mut stream: tokio::net::TcpStream, dp: Datapath) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow request"))??;
+    let buf = fairlead_proxy::admin::read_request_head(&mut stream).await?;
     let head = String::from_utf8_lossy(&buf);
     let mut words = head.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));

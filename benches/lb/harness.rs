@@ -66,6 +66,19 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Routes SIGINT and SIGTERM to [`STOP`].
+/// A duration in seconds from the environment variable `name` (0.2 to 30), or `default`.
+pub fn secs_var(name: &str, default: f64) -> Result<Duration> {
+    let secs = match std::env::var(name) {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| (0.2..=30.0).contains(s))
+            .with_context(|| format!("{name} takes seconds from 0.2 to 30, not {v:?}"))?,
+        Err(_) => default,
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
 pub fn install_signal_handlers() {
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: installing a handler that only stores to an atomic.

@@ -126,17 +126,6 @@ struct Config {
 }
 
 fn config() -> Result<Config> {
-    let secs_var = |name: &str, default: f64| -> Result<Duration> {
-        let secs = match std::env::var(name) {
-            Ok(v) => v
-                .parse::<f64>()
-                .ok()
-                .filter(|s| (0.2..=30.0).contains(s))
-                .with_context(|| format!("{name} takes seconds from 0.2 to 30, not {v:?}"))?,
-            Err(_) => default,
-        };
-        Ok(Duration::from_secs_f64(secs))
-    };
     let scales = match std::env::var("LB_BENCH_SCALES") {
         Ok(v) => v
             .split(',')
@@ -170,8 +159,8 @@ fn config() -> Result<Config> {
     Ok(Config {
         scales,
         peers,
-        secs: secs_var("LB_BENCH_SECS", DEFAULT_SECS)?,
-        stream_secs: secs_var("LB_BENCH_STREAM_SECS", DEFAULT_STREAM_SECS)?,
+        secs: harness::secs_var("LB_BENCH_SECS", DEFAULT_SECS)?,
+        stream_secs: harness::secs_var("LB_BENCH_STREAM_SECS", DEFAULT_STREAM_SECS)?,
     })
 }
 

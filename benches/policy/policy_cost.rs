@@ -157,17 +157,6 @@ struct Config {
 }
 
 fn config() -> Result<Config> {
-    let secs_var = |name: &str, default: f64| -> Result<Duration> {
-        let secs = match std::env::var(name) {
-            Ok(v) => v
-                .parse::<f64>()
-                .ok()
-                .filter(|s| (0.2..=30.0).contains(s))
-                .with_context(|| format!("{name} takes seconds from 0.2 to 30, not {v:?}"))?,
-            Err(_) => default,
-        };
-        Ok(Duration::from_secs_f64(secs))
-    };
     let rounds = match std::env::var("POLICY_BENCH_ROUNDS") {
         Ok(v) => v
             .parse::<usize>()
@@ -197,8 +186,8 @@ fn config() -> Result<Config> {
             CASES.to_vec()
         },
         rounds,
-        secs: secs_var("POLICY_BENCH_SECS", DEFAULT_SECS)?,
-        stream_secs: secs_var("POLICY_BENCH_STREAM_SECS", DEFAULT_STREAM_SECS)?,
+        secs: harness::secs_var("POLICY_BENCH_SECS", DEFAULT_SECS)?,
+        stream_secs: harness::secs_var("POLICY_BENCH_STREAM_SECS", DEFAULT_STREAM_SECS)?,
     })
 }
 

@@ -35,6 +35,24 @@ pub struct CertReply {
     pub bundle: String,
 }
 
+impl crate::CertIssuer {
+    /// A certificate for the request's CSR, for the identity of its namespace and
+    /// ServiceAccount, once its token proves exactly that account ([`crate::CertIssuer::issue`]).
+    /// What this API, and any other way to the CA (the sandbox's), answers.
+    pub async fn issue_request(&self, r: &CertRequest) -> Result<CertReply, crate::IssueError> {
+        let id = crate::SpiffeId::new(
+            &self.config().trust_domain,
+            &r.namespace,
+            &r.service_account,
+        );
+        let issued = self.issue(&r.token, &r.csr, &id).await?;
+        Ok(CertReply {
+            chain: issued.chain_pem,
+            bundle: issued.bundle_pem,
+        })
+    }
+}
+
 /// Answers one request body: (HTTP status, body).
 pub async fn answer(issuer: &crate::CertIssuer, body: &[u8]) -> (u16, String) {
     let req: CertRequest = match serde_json::from_slice(body) {
@@ -48,20 +66,8 @@ pub async fn answer(issuer: &crate::CertIssuer, body: &[u8]) -> (u16, String) {
             )
         }
     };
-    let id = crate::SpiffeId::new(
-        &issuer.config().trust_domain,
-        &req.namespace,
-        &req.service_account,
-    );
-    match issuer.issue(&req.token, &req.csr, &id).await {
-        Ok(issued) => (
-            200,
-            serde_json::to_string(&CertReply {
-                chain: issued.chain_pem,
-                bundle: issued.bundle_pem,
-            })
-            .unwrap_or_default(),
-        ),
+    match issuer.issue_request(&req).await {
+        Ok(reply) => (200, serde_json::to_string(&reply).unwrap_or_default()),
         Err(e @ (crate::IssueError::Unauthenticated(_) | crate::IssueError::Forbidden { .. })) => {
             (403, format!("{e}\n"))
         }

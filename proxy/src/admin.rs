@@ -21,6 +21,27 @@ use crate::rotation::CredentialStore;
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The head of a plain HTTP request on a small admin endpoint (this one, the agent's
+/// `/metrics`): read until the blank line, at most 8 KiB and 5 s (then `TimedOut`).
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(256);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow request"))??;
+    Ok(buf)
+}
+
 /// Counters the forwarding paths update.
 #[derive(Default)]
 pub struct Metrics {
@@ -244,22 +265,10 @@ pub async fn serve(
         };
         let (creds, metrics, config) = (Arc::clone(&creds), Arc::clone(&metrics), config.clone());
         tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(256);
-            let read = async {
-                let mut chunk = [0u8; 512];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-                    let n = stream.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(REQUEST_TIMEOUT, read).await.is_err() {
+            let Ok(buf) = read_request_head(&mut stream).await else {
                 debug!("admin client too slow");
                 return;
-            }
+            };
             let head = String::from_utf8_lossy(&buf);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = answer(path, &creds, &metrics, &config);

@@ -34,16 +34,7 @@ async fn server_with(
     creds: Arc<CredentialStore>,
     authz: Authorization,
 ) -> (SocketAddr, Arc<Mutex<Vec<PeerId>>>) {
-    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = app.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let app_addr = support::echo_app().await;
     let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = sidecar.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -17,6 +17,8 @@ use fairlead_proxy::MeshTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+mod support;
+
 struct TestCa {
     ca: Ca,
     id: SpiffeId,
@@ -82,16 +84,7 @@ async fn certificates_rotate_under_traffic_and_survive_a_failing_ca() {
         },
     ));
 
-    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = app.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let app_addr = support::echo_app().await;
     let sidecar = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = sidecar.local_addr().unwrap();
     tokio::spawn(inbound::serve(

@@ -80,22 +80,7 @@ impl MeshIssuer for SandboxCa {
         &'a self,
         r: &'a CertRequest,
     ) -> Pin<Box<dyn Future<Output = Result<CertReply, String>> + Send + 'a>> {
-        Box::pin(async move {
-            let id = SpiffeId::new(
-                &self.0.config().trust_domain,
-                &r.namespace,
-                &r.service_account,
-            );
-            let issued = self
-                .0
-                .issue(&r.token, &r.csr, &id)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(CertReply {
-                chain: issued.chain_pem,
-                bundle: issued.bundle_pem,
-            })
-        })
+        Box::pin(async move { self.0.issue_request(r).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -254,14 +239,14 @@ impl Mesh {
         namespace: &str,
         service_account: &str,
         csr_pem: &str,
-    ) -> anyhow::Result<fairlead_controller::Issued> {
-        let token = self.token(namespace, service_account).await?;
-        let id = SpiffeId::new(
-            &self.issuer.config().trust_domain,
-            namespace,
-            service_account,
-        );
-        Ok(self.issuer.issue(&token, csr_pem, &id).await?)
+    ) -> anyhow::Result<CertReply> {
+        let request = CertRequest {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            token: self.token(namespace, service_account).await?,
+            csr: csr_pem.to_owned(),
+        };
+        Ok(self.issuer.issue_request(&request).await?)
     }
 
     /// The mesh CA.

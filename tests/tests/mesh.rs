@@ -383,7 +383,7 @@ async fn meshed_pods_talk_mtls_with_identities() {
             let to = SocketAddr::new(v4("catalog"), 8080);
             let (key, csr) = fairlead_controller::new_key_and_csr().unwrap();
             let good = mesh.issue_for("shop", "cart", &csr).await.unwrap();
-            let good = fairlead_proxy::MeshTls::from_pem(&good.chain_pem, &key, &bundle).unwrap();
+            let good = fairlead_proxy::MeshTls::from_pem(&good.chain, &key, &bundle).unwrap();
             let line = mtls_from(&ns("plain"), to, &good).await.unwrap();
             assert_eq!(
                 field(&line, "identity"),
@@ -413,7 +413,7 @@ async fn meshed_pods_talk_mtls_with_identities() {
             assert!(r.is_err(), "another trust domain got through: {r:?}");
             // Expired: the mesh CA's own certificate for cart, past its life.
             let expired =
-                fairlead_proxy::MeshTls::from_pem(&soon.chain_pem, &soon_key, &bundle).unwrap();
+                fairlead_proxy::MeshTls::from_pem(&soon.chain, &soon_key, &bundle).unwrap();
             let r = mtls_from(&ns("plain"), to, &expired).await;
             assert!(r.is_err(), "an expired certificate got through: {r:?}");
             // The wrong identity: signed by the mesh CA, but naming no workload (a serving

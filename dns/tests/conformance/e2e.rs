@@ -9,8 +9,8 @@ use std::time::Duration;
 use fairlead_core::{ClusterIps, Snapshot};
 use fairlead_dns::{Config, Server};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
@@ -60,21 +60,7 @@ fn fake_answer(query: &[u8], udp: bool) -> Vec<u8> {
             }
         }
         _ => {
-            m.metadata.response_code = ResponseCode::NXDomain;
-            let soa = SOA::new(
-                Name::from_ascii("ns.example.com.").unwrap(),
-                Name::from_ascii("root.example.com.").unwrap(),
-                1,
-                3600,
-                600,
-                86400,
-                60,
-            );
-            m.add_authority(Record::from_rdata(
-                Name::from_ascii("example.com.").unwrap(),
-                3600,
-                RData::SOA(soa),
-            ));
+            crate::support::nxdomain_from(&mut m, "example.com.");
         }
     }
     m.metadata.message_type = MessageType::Response;

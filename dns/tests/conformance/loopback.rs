@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use fairlead_core::Snapshot;
 use fairlead_dns::{Config, Server};
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
@@ -142,21 +142,7 @@ fn answer(query: &Message, reply: &Reply) -> Vec<u8> {
         // NODATA for other types.
         Reply::A { .. } => {}
         Reply::NxDomain => {
-            m.metadata.response_code = ResponseCode::NXDomain;
-            let soa = SOA::new(
-                Name::from_ascii("ns.example.").unwrap(),
-                Name::from_ascii("root.example.").unwrap(),
-                1,
-                3600,
-                600,
-                86400,
-                60,
-            );
-            m.add_authority(Record::from_rdata(
-                Name::from_ascii("example.").unwrap(),
-                3600,
-                RData::SOA(soa),
-            ));
+            crate::support::nxdomain_from(&mut m, "example.");
         }
     }
     m.to_vec().unwrap()

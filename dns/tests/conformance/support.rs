@@ -183,3 +183,25 @@ pub fn assert_nxdomain(a: Answer, soa: &str) {
     assert!(a.answers.is_empty() && a.aa, "{a:#?}");
     assert_eq!(a.authority, vec![soa.to_owned()]);
 }
+
+/// Makes `m` a fake upstream's NXDOMAIN for a name in `zone`: the rcode and the zone's SOA
+/// (minimum 60) in the authority section.
+pub fn nxdomain_from(m: &mut Message, zone: &str) {
+    use hickory_proto::rr::rdata::SOA;
+    use hickory_proto::rr::{RData, Record};
+    m.metadata.response_code = ResponseCode::NXDomain;
+    let soa = SOA::new(
+        Name::from_ascii(format!("ns.{zone}")).unwrap(),
+        Name::from_ascii(format!("root.{zone}")).unwrap(),
+        1,
+        3600,
+        600,
+        86400,
+        60,
+    );
+    m.add_authority(Record::from_rdata(
+        Name::from_ascii(zone).unwrap(),
+        3600,
+        RData::SOA(soa),
+    ));
+}

@@ -29,3 +29,18 @@ pub fn client_id(headers: &hyper::HeaderMap) -> String {
         .unwrap_or("none")
         .to_owned()
 }
+
+/// A TCP echo application on 127.0.0.1; its address.
+pub async fn echo_app() -> std::net::SocketAddr {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
